@@ -1,0 +1,5 @@
+"""`python -m extproc` is the `spendgate` command."""
+
+from extproc.cli import main
+
+raise SystemExit(main())

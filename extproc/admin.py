@@ -1,0 +1,236 @@
+"""Administrative actions on credentials and wrapped keys; each one is written to the audit log."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from extproc import wrapped_keys
+from extproc.crypto import Keyring, Sealed
+from extproc.keystore import credential_aad
+from extproc.upstreams import DEFAULT_BASE_URLS, upstream_for
+
+
+class AdminError(Exception):
+    """A refused administrative action, with a message for the operator."""
+
+
+def _audit(conn: psycopg.Connection[Any], action: str, target: str, **details: Any) -> None:
+    conn.execute(
+        "INSERT INTO audit_log (actor, action, target, details) VALUES (%s, %s, %s, %s)",
+        (getpass.getuser(), action, target, Jsonb(details)),
+    )
+
+
+def add_provider(
+    conn: psycopg.Connection[Any],
+    keyring: Keyring,
+    provider: str,
+    name: str,
+    secret: str,
+    base_url: str | None,
+) -> uuid.UUID:
+    """Store a provider credential, encrypted."""
+    if provider not in DEFAULT_BASE_URLS:
+        raise AdminError(f"unknown provider {provider!r}; expected one of {', '.join(DEFAULT_BASE_URLS)}")
+    if not secret.strip():
+        raise AdminError("the provider secret is empty")
+    url = (base_url or DEFAULT_BASE_URLS[provider]).rstrip("/")
+    try:
+        upstream_for(url)
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+    cid = uuid.uuid4()
+    sealed = keyring.seal(secret.strip(), credential_aad(cid))
+    with conn.transaction():
+        exists = conn.execute("SELECT 1 FROM provider_credentials WHERE name = %s", (name,)).fetchone()
+        if exists:
+            raise AdminError(f"a provider credential named {name!r} already exists")
+        conn.execute(
+            "INSERT INTO provider_credentials (id, provider, name, base_url, ciphertext, nonce, master_key_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (cid, provider, name, url, sealed.ciphertext, sealed.nonce, sealed.master_key_id),
+        )
+        _audit(conn, "provider.add", name, provider=provider, base_url=url, credential_id=str(cid))
+    return cid
+
+
+def list_providers(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Credentials without their secrets."""
+    cur = conn.execute(
+        "SELECT id, provider, name, base_url, master_key_id, created_at, revoked_at FROM provider_credentials"
+        " ORDER BY created_at"
+    )
+    cols = [c.name for c in cur.description or []]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def revoke_provider(conn: psycopg.Connection[Any], name: str) -> None:
+    """Revoke a credential; every wrapped key on it stops working."""
+    with conn.transaction():
+        row = conn.execute(
+            "UPDATE provider_credentials SET revoked_at = now() WHERE name = %s AND revoked_at IS NULL RETURNING id",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise AdminError(f"no live provider credential named {name!r}")
+        _audit(conn, "provider.revoke", name, credential_id=str(row[0]))
+
+
+@dataclass
+class NewKey:
+    """A freshly issued wrapped key; `secret` is shown once and never stored."""
+
+    id: uuid.UUID
+    prefix: str
+    secret: str
+
+
+def create_key(
+    conn: psycopg.Connection[Any],
+    name: str,
+    credential: str,
+    *,
+    team: str | None = None,
+    project: str | None = None,
+    policy: str | None = None,
+    expires_at: dt.datetime | None = None,
+) -> NewKey:
+    """Issue a wrapped key bound to a provider credential (by name)."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT id FROM provider_credentials WHERE name = %s AND revoked_at IS NULL", (credential,)
+        ).fetchone()
+        if row is None:
+            raise AdminError(f"no live provider credential named {credential!r}")
+        key = _insert_key(conn, name, row[0], team, project, policy, expires_at)
+        _audit(
+            conn,
+            "key.create",
+            key.prefix,
+            key_id=str(key.id),
+            name=name,
+            credential=credential,
+            team=team,
+            project=project,
+        )
+    return key
+
+
+def _insert_key(
+    conn: psycopg.Connection[Any],
+    name: str,
+    credential_id: uuid.UUID,
+    team: str | None,
+    project: str | None,
+    policy: str | None,
+    expires_at: dt.datetime | None,
+) -> NewKey:
+    secret = wrapped_keys.generate()
+    kid = uuid.uuid4()
+    prefix = wrapped_keys.visible_prefix(secret)
+    conn.execute(
+        "INSERT INTO api_keys (id, prefix, secret_hash, name, team, project, credential_id, policy, expires_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (kid, prefix, wrapped_keys.digest(secret), name, team, project, credential_id, policy, expires_at),
+    )
+    return NewKey(kid, prefix, secret)
+
+
+def list_keys(conn: psycopg.Connection[Any], include_revoked: bool = False) -> list[dict[str, Any]]:
+    """Keys with their visible prefix only."""
+    cur = conn.execute(
+        "SELECT k.id, k.prefix, k.name, k.team, k.project, c.name AS provider_credential, k.policy,"
+        " k.created_at, k.expires_at, k.revoked_at FROM api_keys k JOIN provider_credentials c"
+        " ON c.id = k.credential_id"
+        + ("" if include_revoked else " WHERE k.revoked_at IS NULL")
+        + " ORDER BY k.created_at"
+    )
+    cols = [c.name for c in cur.description or []]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def _find_key(conn: psycopg.Connection[Any], ref: str) -> tuple[Any, ...]:
+    """A live key by id or visible prefix; an ambiguous prefix is refused."""
+    try:
+        rows = conn.execute(
+            "SELECT id, prefix, name, team, project, credential_id, policy FROM api_keys"
+            " WHERE id = %s AND revoked_at IS NULL",
+            (uuid.UUID(ref),),
+        ).fetchall()
+    except ValueError:
+        rows = conn.execute(
+            "SELECT id, prefix, name, team, project, credential_id, policy FROM api_keys"
+            " WHERE prefix = %s AND revoked_at IS NULL",
+            (wrapped_keys.visible_prefix(ref),),
+        ).fetchall()
+    if not rows:
+        raise AdminError(f"no live key {ref!r}")
+    if len(rows) > 1:
+        raise AdminError(f"{ref!r} matches {len(rows)} keys; use the key id")
+    return tuple(rows[0])
+
+
+def revoke_key(conn: psycopg.Connection[Any], ref: str) -> uuid.UUID:
+    """Revoke a key by id or prefix; running proxies drop it on their next refresh."""
+    with conn.transaction():
+        kid, prefix, *_ = _find_key(conn, ref)
+        conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (kid,))
+        _audit(conn, "key.revoke", prefix, key_id=str(kid))
+    return kid  # type: ignore[no-any-return]
+
+
+def rotate_key(conn: psycopg.Connection[Any], ref: str, grace: dt.timedelta = dt.timedelta(0)) -> NewKey:
+    """Issue a replacement with the same attributes; the old key expires after `grace`."""
+    with conn.transaction():
+        kid, prefix, name, team, project, credential_id, policy = _find_key(conn, ref)
+        new = _insert_key(conn, name, credential_id, team, project, policy, None)
+        if grace > dt.timedelta(0):
+            conn.execute("UPDATE api_keys SET expires_at = now() + %s WHERE id = %s", (grace, kid))
+        else:
+            conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (kid,))
+        _audit(
+            conn,
+            "key.rotate",
+            prefix,
+            old_key_id=str(kid),
+            new_key_id=str(new.id),
+            grace_seconds=grace.total_seconds(),
+        )
+    return new
+
+
+def rotate_master_key(conn: psycopg.Connection[Any], keyring: Keyring) -> int:
+    """Re-encrypt every credential under the keyring's active key, one row at a time.
+
+    Each row is re-sealed in its own short transaction, so proxies keep reading consistent rows
+    throughout; a proxy that has not been given the new key keeps the secret it already holds.
+    """
+    count = 0
+    ids = conn.execute(
+        "SELECT id FROM provider_credentials WHERE master_key_id <> %s", (keyring.active_id,)
+    ).fetchall()
+    for (cid,) in ids:
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT ciphertext, nonce, master_key_id FROM provider_credentials WHERE id = %s FOR UPDATE",
+                (cid,),
+            ).fetchone()
+            if row is None or row[2] == keyring.active_id:
+                continue
+            aad = credential_aad(cid)
+            plain = keyring.open(Sealed(bytes(row[0]), bytes(row[1]), row[2]), aad)
+            sealed = keyring.seal(plain, aad)
+            conn.execute(
+                "UPDATE provider_credentials SET ciphertext = %s, nonce = %s, master_key_id = %s WHERE id = %s",
+                (sealed.ciphertext, sealed.nonce, sealed.master_key_id, cid),
+            )
+            _audit(conn, "master_key.reencrypt", str(cid), old_key=row[2], new_key=sealed.master_key_id)
+            count += 1
+    return count

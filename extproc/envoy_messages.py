@@ -1,0 +1,116 @@
+"""Translation between Exchange replies and Envoy ext_proc protobuf messages."""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+from extproc.exchange import BodyMode, Reply
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MODES = {
+    "BUFFERED": processing_mode_pb2.ProcessingMode.BUFFERED,
+    "STREAMED": processing_mode_pb2.ProcessingMode.STREAMED,
+}
+# mode_override replaces the whole mode, so it must restate the phases the filter config sends.
+_SEND = processing_mode_pb2.ProcessingMode.SEND
+_SKIP = processing_mode_pb2.ProcessingMode.SKIP
+
+
+def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Envoy's header list as a dict; values arrive as raw bytes."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def _mutation(reply: Reply) -> pb.HeaderMutation | None:
+    if not reply.set_headers and not reply.remove_headers:
+        return None
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")), append_action=_OVERWRITE
+            )
+            for k, v in reply.set_headers
+        ],
+        remove_headers=reply.remove_headers,
+    )
+
+
+def _mode(
+    request_body: BodyMode | None, response_body: BodyMode | None
+) -> processing_mode_pb2.ProcessingMode:
+    none = processing_mode_pb2.ProcessingMode.NONE
+    return processing_mode_pb2.ProcessingMode(
+        request_header_mode=_SEND,
+        response_header_mode=_SEND,
+        request_body_mode=_MODES[request_body] if request_body else none,
+        response_body_mode=_MODES[response_body] if response_body else none,
+        request_trailer_mode=_SKIP,
+        response_trailer_mode=_SKIP,
+    )
+
+
+def immediate(reply: Reply) -> pb.ProcessingResponse:
+    """An immediate response that ends the request at the proxy."""
+    assert reply.immediate_status is not None
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=reply.immediate_status),
+            headers=_mutation(reply),
+            body=reply.body or b"",
+            details="spendgate_rejected",
+        )
+    )
+
+
+def request_headers(reply: Reply) -> pb.ProcessingResponse:
+    """The reply to the request-headers phase."""
+    if reply.immediate_status is not None:
+        return immediate(reply)
+    resp = pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(
+                header_mutation=_mutation(reply), clear_route_cache=reply.clear_route_cache
+            )
+        )
+    )
+    if reply.request_body_mode:
+        resp.mode_override.CopyFrom(_mode(reply.request_body_mode, None))
+    return resp
+
+
+def request_body(reply: Reply) -> pb.ProcessingResponse:
+    """The reply to the buffered request-body phase."""
+    if reply.immediate_status is not None:
+        return immediate(reply)
+    common = pb.CommonResponse(header_mutation=_mutation(reply))
+    if reply.body is not None:
+        common.body_mutation.body = reply.body
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+
+def response_headers(reply: Reply) -> pb.ProcessingResponse:
+    """The reply to the response-headers phase, switching on body processing when needed."""
+    resp = pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=_mutation(reply)))
+    )
+    if reply.response_body_mode:
+        resp.mode_override.CopyFrom(_mode(None, reply.response_body_mode))
+    return resp
+
+
+_EMPTY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse()))
+
+
+def response_body(replacement: bytes | None) -> pb.ProcessingResponse:
+    """The reply to one response-body chunk; usually nothing changes."""
+    if replacement is None:
+        return _EMPTY_RESPONSE_BODY
+    common = pb.CommonResponse()
+    common.body_mutation.body = replacement
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))

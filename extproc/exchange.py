@@ -1,0 +1,331 @@
+"""One proxied request, phase by phase, as plain data: the decisions without the gRPC.
+
+The servicer turns Envoy's messages into calls on an Exchange and its Replies back into
+protobuf. Every path through an Exchange ends in exactly one call to `finalize`, which builds
+the usage record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl, urlencode
+
+import structlog
+
+from extproc import tokens, wrapped_keys
+from extproc.keytable import KeyEntry, KeyTable
+from extproc.pricing import PriceTable
+from extproc.providers import PROVIDERS, guess_from_request
+from extproc.providers.base import (
+    PASSTHROUGH,
+    BadRequest,
+    ParsedRequest,
+    Provider,
+    StreamAccountant,
+    count_prompt,
+)
+from extproc.usage import Usage, UsageRecord
+
+log = structlog.get_logger("spendgate.exchange")
+
+UPSTREAM_HEADER = "x-spendgate-upstream"
+REQUEST_ID_HEADER = "x-spendgate-request-id"
+TAGS_HEADER = "x-spendgate-tags"
+# Every place a client may put a credential. All are cleared before the request goes up, so a
+# wrapped key can never reach a provider whichever header it came in.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+_STRIP_ALWAYS = (*CREDENTIAL_HEADERS, TAGS_HEADER, "accept-encoding")
+
+BodyMode = Literal["BUFFERED", "STREAMED"]
+
+
+@dataclass
+class Reply:
+    """The answer to one phase: continue (maybe mutated), or stop with an immediate response."""
+
+    set_headers: list[tuple[str, str]] = field(default_factory=list)
+    remove_headers: list[str] = field(default_factory=list)
+    body: bytes | None = None
+    clear_route_cache: bool = False
+    request_body_mode: BodyMode | None = None
+    response_body_mode: BodyMode | None = None
+    immediate_status: int | None = None
+
+
+@dataclass
+class Limits:
+    """Knobs that bound what one request may cost the proxy."""
+
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    max_tags: int = 16
+
+
+class PriceBook:
+    """The price table in force; replaced whole on reload."""
+
+    def __init__(self, table: PriceTable) -> None:
+        self.table = table
+
+
+def _presented_credentials(headers: dict[str, str], query: dict[str, str]) -> list[str]:
+    found = []
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        found.append(auth[7:].strip())
+    for name in ("x-api-key", "x-goog-api-key", "api-key"):
+        if name in headers:
+            found.append(headers[name].strip())
+    if "key" in query:
+        found.append(query["key"])
+    return found
+
+
+def parse_tags(raw: str, limit: int) -> dict[str, str]:
+    """`x-spendgate-tags`: a JSON object or `k=v,k2=v2`; at most `limit` string pairs."""
+    tags: dict[str, str] = {}
+    raw = raw.strip()
+    if raw.startswith("{"):
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return {}
+        items = doc.items() if isinstance(doc, dict) else []
+        pairs = [(str(k), str(v)) for k, v in items]
+    else:
+        pairs = [tuple(p.split("=", 1)) for p in raw.split(",") if "=" in p]  # type: ignore[misc]
+    for k, v in pairs[:limit]:
+        k, v = k.strip()[:64], v.strip()[:256]
+        if k:
+            tags[k] = v
+    return tags
+
+
+class Exchange:
+    """State of one request through the proxy."""
+
+    def __init__(
+        self,
+        keys: KeyTable,
+        prices: PriceBook,
+        emit: Callable[[UsageRecord], None],
+        limits: Limits,
+    ) -> None:
+        self._keys = keys
+        self._prices = prices
+        self._emit = emit
+        self._limits = limits
+        self.request_id = str(uuid.uuid4())
+        self._t0 = time.monotonic()
+        self._ts = dt.datetime.now(dt.UTC)
+        self._provider: Provider | None = None
+        self._entry: KeyEntry | None = None
+        self._api = PASSTHROUGH
+        self._path = ""
+        self._request: ParsedRequest | None = None
+        self._status = 0
+        self._ttft_ms: int | None = None
+        self._stream: StreamAccountant | None = None
+        self._json_body: list[bytes] = []
+        self._inflate: zlib._Decompress | None = None
+        self._tags: dict[str, str] = {}
+        self.finished = False
+
+    # -- request headers ---------------------------------------------------------------
+    def on_request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Reply:
+        """Authenticate, swap the credential, pick the upstream, ask for the body if needed."""
+        method = headers.get(":method", "")
+        raw_path = headers.get(":path", "/")
+        path, _, qs = raw_path.partition("?")
+        query = dict(parse_qsl(qs, keep_blank_values=True)) if qs else {}
+        presented = _presented_credentials(headers, query)
+        now = dt.datetime.now(dt.UTC)
+        entry = next((e for e in (self._keys.lookup(p, now) for p in presented) if e is not None), None)
+        if entry is None:
+            provider = guess_from_request(path, set(headers))
+            self._provider = provider
+            reason = "missing" if not presented else "unknown, revoked or expired"
+            log.info(
+                "request.rejected",
+                request_id=self.request_id,
+                status=401,
+                reason=f"wrapped key {reason}",
+                key_prefix=next((wrapped_keys.visible_prefix(p) for p in presented), None),
+            )
+            self.finished = True  # no key, no record: unauthenticated traffic is not billed to anyone
+            msg = "Incorrect API key provided. Spendgate needs a valid wrapped key (sg-...)."
+            return self.reject(401, msg, record=False)
+
+        self._entry = entry
+        provider = PROVIDERS[entry.provider]
+        self._provider = provider
+        self._api = provider.api_for(method, path) or PASSTHROUGH
+        self._path = path
+        if TAGS_HEADER in headers:
+            self._tags = parse_tags(headers[TAGS_HEADER], self._limits.max_tags)
+
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
+            return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
+
+        reply = Reply(
+            remove_headers=[h for h in _STRIP_ALWAYS if h in headers],
+            set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.upstream.cluster)],
+            clear_route_cache=True,
+        )
+        query.pop("key", None)
+        new_path = entry.upstream.path_prefix + path + ("?" + urlencode(query) if query else "")
+        if new_path != raw_path:
+            reply.set_headers.append((":path", new_path))
+        if self._api != PASSTHROUGH and not end_of_stream:
+            reply.request_body_mode = "BUFFERED"
+        return reply
+
+    # -- request body ------------------------------------------------------------------
+    def on_request_body(self, body: bytes) -> Reply:
+        """Parse the request; rewrite it when accounting needs the provider to report usage."""
+        assert self._provider is not None
+        try:
+            self._request = self._provider.parse_request(self._api, self._path, body)
+        except BadRequest as exc:
+            return self.reject(400, str(exc))
+        reply = Reply()
+        if self._request.rewritten is not None:
+            reply.body = self._request.rewritten
+            reply.set_headers.append(("content-length", str(len(self._request.rewritten))))
+        return reply
+
+    # -- response headers --------------------------------------------------------------
+    def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Reply:
+        """Note the status; ask for the body only when it carries usage."""
+        self._status = int(headers.get(":status", "0") or 0)
+        self._ttft_ms = self._elapsed_ms()
+        reply = Reply(set_headers=[(REQUEST_ID_HEADER, self.request_id)])
+        if end_of_stream or self._api == PASSTHROUGH or self._status >= 300 or self._request is None:
+            self.finalize("complete" if self._status < 400 else "upstream_error")
+            return reply
+        assert self._provider is not None
+        encoding = headers.get("content-encoding", "")
+        if encoding in ("gzip", "deflate"):
+            # accept-encoding is stripped on the way up; this covers upstreams that compress anyway.
+            self._inflate = zlib.decompressobj(47 if encoding == "gzip" else 15)
+        if "text/event-stream" in headers.get("content-type", ""):
+            self._stream = self._provider.stream_accountant(self._api, self._request)
+            reply.response_body_mode = "STREAMED"
+        else:
+            reply.response_body_mode = "BUFFERED"
+        return reply
+
+    # -- response body -----------------------------------------------------------------
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
+        """Account one body chunk; return replacement bytes for the client, if any."""
+        data = self._inflate.decompress(chunk) if self._inflate is not None else chunk
+        replacement = None
+        if self._stream is not None:
+            replacement = self._stream.feed(data)
+            if replacement is not None and self._inflate is not None:
+                # The client was told the body is compressed; a rewritten body is not.
+                replacement = None
+        else:
+            self._json_body.append(data)
+        if end_of_stream:
+            self.finalize("complete")
+        return replacement
+
+    # -- end -----------------------------------------------------------------------------
+    def abandon(self) -> None:
+        """The stream to Envoy ended early: the client hung up or the upstream broke."""
+        if not self.finished:
+            self.finalize("client_disconnect" if self._status == 0 else "incomplete")
+
+    def reject(self, status: int, message: str, *, record: bool = True) -> Reply:
+        """Stop the request with an error in the calling provider's own format."""
+        assert self._provider is not None
+        self._status = status
+        if record:
+            log.info("request.rejected", request_id=self.request_id, status=status, reason=message)
+            self.finalize("rejected")
+        return Reply(
+            immediate_status=status,
+            body=self._provider.error_body(status, message),
+            set_headers=[("content-type", "application/json"), (REQUEST_ID_HEADER, self.request_id)],
+        )
+
+    def finalize(self, outcome: str) -> None:
+        """Build and emit the one usage record of this request."""
+        if self.finished:
+            return
+        self.finished = True
+        entry, provider = self._entry, self._provider
+        if entry is None or provider is None:
+            return
+        usage, model_used, estimated = self._settle_usage(outcome)
+        prices = self._prices.table
+        model = model_used or (self._request.model if self._request else None)
+        record = UsageRecord(
+            request_id=self.request_id,
+            ts=self._ts,
+            provider=provider.name,
+            api=self._api,
+            key_id=entry.key_id,
+            team=entry.team,
+            project=entry.project,
+            model_requested=self._request.model if self._request else None,
+            model_used=model,
+            upstream=entry.upstream.cluster,
+            usage=usage,
+            cost_usd=prices.cost(model, usage),
+            price_version=prices.version,
+            latency_ms=self._elapsed_ms(),
+            ttft_ms=self._ttft_ms,
+            status=self._status or 499,
+            outcome=outcome,
+            stream=bool(self._request and self._request.stream),
+            estimated=estimated,
+            tags=self._tags,
+        )
+        self._emit(record)
+
+    def _settle_usage(self, outcome: str) -> tuple[Usage, str | None, bool]:
+        """Provider-reported usage when there is some; a tiktoken estimate where it is missing."""
+        assert self._provider is not None
+        req = self._request
+        if req is None or outcome == "rejected" or (outcome != "client_disconnect" and self._status >= 300):
+            return Usage(), None, False
+        reported: Usage | None = None
+        model: str | None = None
+        text = ""
+        if self._stream is not None:
+            result = self._stream.finish()
+            reported, model, text = result.usage, result.model, result.text
+        elif self._json_body:
+            body = b"".join(self._json_body)
+            try:
+                reported, model = self._provider.usage_from_response(self._api, json.loads(body))
+            except ValueError:
+                reported = None
+        # A stream can end cleanly yet without its final usage event (an error event mid-way):
+        # text that was delivered but not counted means the report is not the whole story.
+        if outcome == "complete" and reported is not None and not (reported.output_tokens == 0 and text):
+            return reported, model, False
+        # Cut short, or the provider never said: count what we can, keep what it did report.
+        base = reported or Usage()
+        input_tokens = base.input_tokens or count_prompt(self._provider, self._api, req.body)
+        output_tokens = base.output_tokens or tokens.count(text)
+        estimated = Usage(
+            input_tokens=input_tokens,
+            cached_input_tokens=base.cached_input_tokens,
+            cache_write_tokens=base.cache_write_tokens,
+            output_tokens=output_tokens,
+            reasoning_tokens=base.reasoning_tokens,
+        )
+        return estimated, model, True
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self._t0) * 1000)

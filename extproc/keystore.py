@@ -1,0 +1,103 @@
+"""Loading wrapped keys and decrypted credentials from Postgres into the KeyTable."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import structlog
+
+from extproc.crypto import Keyring, MasterKeyError, Sealed
+from extproc.keytable import KeyEntry, KeyTable
+from extproc.upstreams import upstream_for
+
+log = structlog.get_logger("spendgate.keystore")
+
+_LIVE_KEYS = """
+SELECT k.id, k.prefix, k.secret_hash, k.name, k.team, k.project, k.policy, k.expires_at,
+       c.id, c.provider, c.base_url, c.ciphertext, c.nonce, c.master_key_id
+FROM api_keys k JOIN provider_credentials c ON c.id = k.credential_id
+WHERE k.revoked_at IS NULL AND c.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+"""
+
+
+def credential_aad(credential_id: uuid.UUID) -> bytes:
+    """Associated data binding a ciphertext to its credential row."""
+    return b"spendgate:provider_credentials:" + credential_id.bytes
+
+
+class KeyStore:
+    """Refreshes a KeyTable from Postgres; decrypts each credential once per ciphertext."""
+
+    def __init__(self, dsn: str, keyring: Keyring, table: KeyTable, interval: float = 2.0) -> None:
+        self._dsn = dsn
+        self._keyring = keyring
+        self.table = table
+        self._interval = interval
+        # (credential id, nonce) -> plaintext. Kept across refreshes so that a proxy whose
+        # keyring lacks a new master key still serves with the secret it already had.
+        self._secrets: dict[uuid.UUID, tuple[bytes, str]] = {}
+
+    async def refresh(self) -> None:
+        """Load the live keys now."""
+        async with await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=3) as conn:
+            rows = await (await conn.execute(_LIVE_KEYS)).fetchall()
+        entries: dict[bytes, KeyEntry] = {}
+        for (
+            kid,
+            prefix,
+            digest,
+            name,
+            team,
+            project,
+            policy,
+            expires,
+            cid,
+            provider,
+            base_url,
+            ct,
+            nonce,
+            mkid,
+        ) in rows:
+            secret = self._secret(cid, Sealed(bytes(ct), bytes(nonce), mkid))
+            if secret is None:
+                continue
+            entries[bytes(digest)] = KeyEntry(
+                key_id=kid,
+                prefix=prefix,
+                name=name,
+                team=team,
+                project=project,
+                policy=policy,
+                expires_at=expires,
+                provider=provider,
+                credential_id=cid,
+                upstream=upstream_for(base_url),
+                secret=secret,
+            )
+        self.table.replace(entries)
+
+    def _secret(self, cid: uuid.UUID, sealed: Sealed) -> str | None:
+        cached = self._secrets.get(cid)
+        if cached is not None and cached[0] == sealed.nonce:
+            return cached[1]
+        try:
+            plain = self._keyring.open(sealed, credential_aad(cid))
+        except MasterKeyError as exc:
+            if cached is not None:
+                log.warning("credential.kept_previous_secret", credential_id=str(cid), reason=str(exc))
+                return cached[1]
+            log.error("credential.undecryptable", credential_id=str(cid), reason=str(exc))
+            return None
+        self._secrets[cid] = (sealed.nonce, plain)
+        return plain
+
+    async def run(self) -> None:
+        """Refresh every interval; a failed refresh keeps the last good table in force."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("keys.refresh_failed", error=type(exc).__name__)

@@ -1,0 +1,50 @@
+"""The in-memory table of live wrapped keys, each resolved to its provider credential."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+
+from extproc import wrapped_keys
+from extproc.upstreams import Upstream
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A wrapped key that may be used, with everything a request needs from it."""
+
+    key_id: uuid.UUID
+    prefix: str
+    name: str
+    team: str | None
+    project: str | None
+    policy: str | None
+    expires_at: dt.datetime | None
+    provider: str
+    credential_id: uuid.UUID
+    upstream: Upstream
+    secret: str = field(repr=False)  # the real provider key: never logged, never repr'd
+
+
+class KeyTable:
+    """Lookup by hash; replaced whole on refresh so readers never see a half-built table."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, KeyEntry] = {}
+
+    def replace(self, entries: dict[bytes, KeyEntry]) -> None:
+        """Swap in a freshly loaded table."""
+        self._by_digest = entries
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def lookup(self, presented: str, now: dt.datetime) -> KeyEntry | None:
+        """The live entry for a presented wrapped key, or None if unknown, revoked or expired."""
+        if not wrapped_keys.looks_wrapped(presented):
+            return None
+        entry = self._by_digest.get(wrapped_keys.digest(presented))
+        if entry is None or (entry.expires_at is not None and entry.expires_at <= now):
+            return None
+        return entry

@@ -1,0 +1,104 @@
+"""The extproc process: gRPC server, key refresher, price reloader and usage writer together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from extproc import db, tokens
+from extproc.crypto import load_keyring
+from extproc.exchange import Exchange, Limits, PriceBook
+from extproc.keystore import KeyStore
+from extproc.keytable import KeyTable
+from extproc.pricing import load_price_table
+from extproc.servicer import ExternalProcessor
+from extproc.writer import UsageWriter
+
+log = structlog.get_logger("spendgate.server")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `spendgate serve` needs to know."""
+
+    listen: str  # grpc address: "unix:/path.sock" or "127.0.0.1:50051"
+    dsn: str
+    home: Path
+    pricing: Path
+    spool: Path
+    key_refresh_seconds: float = 2.0
+    limits: Limits | None = None
+    grace_seconds: float = 5.0
+
+
+async def serve(opts: ServeOptions) -> None:
+    """Run until SIGTERM or SIGINT; then stop taking streams, finish open ones, flush usage."""
+    keyring = load_keyring(opts.home)
+    prices = PriceBook(load_price_table(opts.pricing))
+    table = KeyTable()
+    keystore = KeyStore(opts.dsn, keyring, table, opts.key_refresh_seconds)
+    await keystore.refresh()
+    tokens.warm_up()
+    writer = UsageWriter(opts.dsn, opts.spool)
+    limits = opts.limits or Limits()
+
+    def new_exchange() -> Exchange:
+        return Exchange(table, prices, writer.enqueue, limits)
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange), server)
+    if opts.listen.startswith("unix:"):
+        sock = Path(opts.listen[5:])
+        sock.unlink(missing_ok=True)
+        server.add_insecure_port(opts.listen)
+    else:
+        server.add_insecure_port(opts.listen)
+    await server.start()
+    tasks = [
+        asyncio.create_task(writer.run()),
+        asyncio.create_task(keystore.run()),
+        asyncio.create_task(_partition_keeper(opts.dsn)),
+    ]
+    log.info(
+        "extproc.started", listen=opts.listen, keys=len(table), prices=prices.table.version, pid=os.getpid()
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("extproc.stopping")
+    await server.stop(opts.grace_seconds)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await writer.close()
+    log.info("extproc.stopped", written=writer.written, spooled=writer.spooled())
+
+
+async def _partition_keeper(dsn: str) -> None:
+    """Keep next months' usage partitions in place on a long-running proxy."""
+    while True:
+        await asyncio.sleep(6 * 3600)
+        try:
+            await asyncio.to_thread(db.ensure_partitions_now, dsn)
+        except Exception as exc:  # retention housekeeping must never take the proxy down
+            log.warning("partitions.ensure_failed", error=str(exc))
+
+
+def run(opts: ServeOptions) -> None:
+    """Entry point: uvloop when available."""
+    try:
+        import uvloop
+
+        uvloop.run(serve(opts))
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms working
+        asyncio.run(serve(opts))
