@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 
 from extproc import wrapped_keys
 from extproc.crypto import Keyring, Sealed
-from extproc.keystore import credential_aad
+from extproc.keystore import CHANGES_CHANNEL, credential_aad
 from extproc.upstreams import DEFAULT_BASE_URLS, upstream_for
 
 
@@ -22,6 +22,9 @@ class AdminError(Exception):
 
 
 def _audit(conn: psycopg.Connection[Any], action: str, target: str, **details: Any) -> None:
+    # Every audited action changes what proxies should serve; the notification is delivered
+    # when the surrounding transaction commits.
+    conn.execute(f"NOTIFY {CHANGES_CHANNEL}".encode())
     conn.execute(
         "INSERT INTO audit_log (actor, action, target, details) VALUES (%s, %s, %s, %s)",
         (getpass.getuser(), action, target, Jsonb(details)),

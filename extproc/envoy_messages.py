@@ -107,10 +107,11 @@ def response_headers(reply: Reply) -> pb.ProcessingResponse:
 _EMPTY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse()))
 
 
-def response_body(replacement: bytes | None) -> pb.ProcessingResponse:
+def response_body(reply: Reply | None) -> pb.ProcessingResponse:
     """The reply to one response-body chunk; usually nothing changes."""
-    if replacement is None:
+    if reply is None:
         return _EMPTY_RESPONSE_BODY
-    common = pb.CommonResponse()
-    common.body_mutation.body = replacement
+    common = pb.CommonResponse(header_mutation=_mutation(reply))
+    if reply.body is not None:
+        common.body_mutation.body = reply.body
     return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))

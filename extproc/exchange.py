@@ -135,6 +135,7 @@ class Exchange:
         self._json_body: list[bytes] = []
         self._inflate: zlib._Decompress | None = None
         self._tags: dict[str, str] = {}
+        self._rewrite_error = False
         self.finished = False
 
     # -- request headers ---------------------------------------------------------------
@@ -203,10 +204,17 @@ class Exchange:
 
     # -- response headers --------------------------------------------------------------
     def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Reply:
-        """Note the status; ask for the body only when it carries usage."""
+        """Note the status; ask for the body only when it carries usage or must be rewritten."""
         self._status = int(headers.get(":status", "0") or 0)
         self._ttft_ms = self._elapsed_ms()
         reply = Reply(set_headers=[(REQUEST_ID_HEADER, self.request_id)])
+        content_type = headers.get("content-type", "")
+        if self._status >= 500 and "json" not in content_type and not end_of_stream:
+            # Envoy's own replies (connect failure, timeout, overflow) are plain text; an SDK
+            # expects its provider's JSON error, so the body is replaced once it is complete.
+            self._rewrite_error = True
+            reply.response_body_mode = "BUFFERED"
+            return reply
         if end_of_stream or self._api == PASSTHROUGH or self._status >= 300 or self._request is None:
             self.finalize("complete" if self._status < 400 else "upstream_error")
             return reply
@@ -215,7 +223,7 @@ class Exchange:
         if encoding in ("gzip", "deflate"):
             # accept-encoding is stripped on the way up; this covers upstreams that compress anyway.
             self._inflate = zlib.decompressobj(47 if encoding == "gzip" else 15)
-        if "text/event-stream" in headers.get("content-type", ""):
+        if "text/event-stream" in content_type:
             self._stream = self._provider.stream_accountant(self._api, self._request)
             reply.response_body_mode = "STREAMED"
         else:
@@ -223,8 +231,10 @@ class Exchange:
         return reply
 
     # -- response body -----------------------------------------------------------------
-    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
-        """Account one body chunk; return replacement bytes for the client, if any."""
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> Reply | None:
+        """Account one body chunk; return a Reply only when the client must see something else."""
+        if self._rewrite_error:
+            return self._rewritten_error(chunk)
         data = self._inflate.decompress(chunk) if self._inflate is not None else chunk
         replacement = None
         if self._stream is not None:
@@ -236,7 +246,16 @@ class Exchange:
             self._json_body.append(data)
         if end_of_stream:
             self.finalize("complete")
-        return replacement
+        return Reply(body=replacement) if replacement is not None else None
+
+    def _rewritten_error(self, body: bytes) -> Reply:
+        assert self._provider is not None
+        detail = body.decode("utf-8", "replace").strip()[:300] or "no response from the provider"
+        doc = self._provider.error_body(self._status, f"upstream error: {detail}")
+        self.finalize("upstream_error")
+        return Reply(
+            body=doc, set_headers=[("content-type", "application/json"), ("content-length", str(len(doc)))]
+        )
 
     # -- end -----------------------------------------------------------------------------
     def abandon(self) -> None:

