@@ -81,10 +81,16 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run the spendgate command against this stack."""
         res = subprocess.run(
-            [sys.executable, "-m", "extproc", *args], env=self.env, input=input, text=True, capture_output=True,
+            [sys.executable, "-m", "extproc", *args],
+            env=self.env,
+            input=input,
+            text=True,
+            capture_output=True,
             timeout=60,
         )
         if check and res.returncode != 0:
@@ -119,10 +125,24 @@ def start_stack(dsn: str | None, workdir: Path, *extra: str, env: dict[str, str]
     log_path = workdir / "stack.log"
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "up", "--port", str(port), "--admin-port", str(admin),
-         "--policies", str(REPO / "policies"), *extra],
-        env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "up",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin),
+            "--policies",
+            str(REPO / "policies"),
+            *extra,
+        ],
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
     deadline = time.monotonic() + 60
     while b"Spendgate is up" not in log_path.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -146,18 +166,42 @@ class Issued:
     key_id: uuid.UUID
 
 
-def issue_key(stack: Stack, provider: str, base_url: str, *, team: str = "team-a", project: str = "proj-x") -> Issued:
+def issue_key(
+    stack: Stack, provider: str, base_url: str, *, team: str = "team-a", project: str = "proj-x"
+) -> Issued:
     """A new credential (its secret fed on stdin, as users do) and a wrapped key for it."""
     credential = f"{provider}-{secrets.token_hex(3)}"
-    secret = {"openai": "sk-test-", "anthropic": "sk-ant-test-", "gemini": "AIzaTest"}[provider] + secrets.token_hex(16)
+    secret = {"openai": "sk-test-", "anthropic": "sk-ant-test-", "gemini": "AIzaTest"}[
+        provider
+    ] + secrets.token_hex(16)
     stack.secrets.append(secret)
-    stack.cli("providers", "add", "--provider", provider, "--name", credential, "--base-url", base_url,
-              input=secret + "\n")  # fmt: skip
+    stack.cli(
+        "providers",
+        "add",
+        "--provider",
+        provider,
+        "--name",
+        credential,
+        "--base-url",
+        base_url,
+        input=secret + "\n",
+    )
     import json
 
     out = json.loads(
-        stack.cli("keys", "create", "--name", f"key-{credential}", "--provider", credential, "--team", team,
-                  "--project", project, "--json").stdout  # fmt: skip
+        stack.cli(
+            "keys",
+            "create",
+            "--name",
+            f"key-{credential}",
+            "--provider",
+            credential,
+            "--team",
+            team,
+            "--project",
+            project,
+            "--json",
+        ).stdout
     )
     stack.secrets.append(out["key"])
     wait_until_key_live(stack, out["key"])
@@ -173,13 +217,16 @@ def wait_until_key_live(stack: Stack, key: str, timeout: float = 10) -> None:
     while time.monotonic() < deadline:
         # Tagged as a probe so that usage assertions can leave its (real) record out.
         req = urllib.request.Request(
-            stack.url + "/v1/models", headers={"authorization": f"Bearer {key}", "x-spendgate-tags": "probe=1"}
+            stack.url + "/v1/models",
+            headers={"authorization": f"Bearer {key}", "x-spendgate-tags": "probe=1"},
         )
         try:
             with urllib.request.urlopen(req, timeout=5):
                 return
         except urllib.error.HTTPError as e:
-            if e.code != 401:
+            # Retry while the proxy refuses the key, or has no cluster yet for a new base URL;
+            # any other answer (the fake's own errors included) came from the provider.
+            if e.code != 503 and not (e.code == 401 and b"wrapped key" in e.read()):
                 return
         except OSError:
             pass
@@ -193,13 +240,17 @@ def usage_rows(stack: Stack, key_id: uuid.UUID, expect: int = 1, timeout: float 
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         with stack.connect() as conn:
-            cur = conn.execute("SELECT * FROM usage_events WHERE key_id = %s AND NOT tags ? 'probe' ORDER BY ts", (key_id,))
+            cur = conn.execute(
+                "SELECT * FROM usage_events WHERE key_id = %s AND NOT tags ? 'probe' ORDER BY ts", (key_id,)
+            )
             cols = [c.name for c in cur.description or []]
             rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
         if len(rows) >= expect:
             time.sleep(0.3)  # and then make sure no extra record trails in
             with stack.connect() as conn:
-                n = conn.execute("SELECT count(*) FROM usage_events WHERE key_id = %s AND NOT tags ? 'probe'", (key_id,)).fetchone()
+                n = conn.execute(
+                    "SELECT count(*) FROM usage_events WHERE key_id = %s AND NOT tags ? 'probe'", (key_id,)
+                ).fetchone()
             assert n is not None and n[0] == len(rows), f"{n[0]} records, expected {len(rows)}"
             return rows
         time.sleep(0.1)

@@ -14,6 +14,7 @@ from extproc.providers.base import (
     load_json_object,
     optional_int,
     optional_str,
+    stream_flag,
 )
 from extproc.usage import Usage, as_int
 
@@ -56,7 +57,7 @@ class Anthropic:
             raise BadRequest("messages: Field required")
         return ParsedRequest(
             model=model,
-            stream=doc.get("stream") is True,
+            stream=stream_flag(doc),
             max_tokens=optional_int(doc, "max_tokens"),
             body=doc,
         )

@@ -98,6 +98,14 @@ def optional_str(doc: dict[str, Any], key: str) -> str | None:
     raise BadRequest(f"'{key}' must be a string")
 
 
+def stream_flag(doc: dict[str, Any]) -> bool:
+    """The `stream` field; anything but a boolean would be refused by the provider too."""
+    value = doc.get("stream")
+    if value is None or isinstance(value, bool):
+        return value is True
+    raise BadRequest("'stream' must be a boolean")
+
+
 def optional_int(doc: dict[str, Any], *keys: str) -> int | None:
     """The first present integer field among `keys`."""
     for key in keys:

@@ -14,6 +14,7 @@ from extproc.providers.base import (
     load_json_object,
     optional_int,
     optional_str,
+    stream_flag,
 )
 from extproc.usage import Usage, as_int
 
@@ -59,7 +60,7 @@ class OpenAI:
         model = optional_str(doc, "model")
         if not model:
             raise BadRequest("you must provide a model parameter")
-        stream = doc.get("stream") is True
+        stream = stream_flag(doc)
         max_tokens = optional_int(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
         req = ParsedRequest(model=model, stream=stream, max_tokens=max_tokens, body=doc)
         if stream and api in (CHAT, COMPLETIONS):

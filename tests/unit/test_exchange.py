@@ -24,8 +24,19 @@ class World:
     def __init__(self, provider: str = "openai", base_url: str = "http://127.0.0.1:9999") -> None:
         self.key = wrapped_keys.generate()
         self.table = KeyTable()
-        self.entry = KeyEntry(uuid.uuid4(), wrapped_keys.visible_prefix(self.key), "k", "team", "proj", None, None,
-                              provider, uuid.uuid4(), upstream_for(base_url), PROVIDER_SECRET)  # fmt: skip
+        self.entry = KeyEntry(
+            uuid.uuid4(),
+            wrapped_keys.visible_prefix(self.key),
+            "k",
+            "team",
+            "proj",
+            None,
+            None,
+            provider,
+            uuid.uuid4(),
+            upstream_for(base_url),
+            PROVIDER_SECRET,
+        )
         self.table.replace({wrapped_keys.digest(self.key): self.entry})
         self.records: list[UsageRecord] = []
         self.prices = PriceBook(load_price_table(REPO / "policies" / "pricing.yaml"))
@@ -52,8 +63,12 @@ def test_wrapped_key_is_replaced_by_the_provider_key(world: World) -> None:
 
 
 def test_every_header_that_may_carry_a_credential_is_cleared(world: World) -> None:
-    h = headers("/v1/chat/completions", authorization=f"Bearer {world.key}", x_api_key=world.key,
-                x_goog_api_key=world.key)  # fmt: skip
+    h = headers(
+        "/v1/chat/completions",
+        authorization=f"Bearer {world.key}",
+        x_api_key=world.key,
+        x_goog_api_key=world.key,
+    )
     reply = world.exchange().on_request_headers(h, False)
     assert {"authorization", "x-api-key", "x-goog-api-key"} <= set(reply.remove_headers)
     assert all(world.key not in v for _, v in reply.set_headers)
@@ -129,8 +144,11 @@ def run_json(world: World, body: dict[str, object], response: dict[str, object])
 
 
 def test_json_response_yields_one_exact_record(world: World) -> None:
-    rec = run_json(world, {"model": "fake-openai-model", "messages": []},
-                   {"model": "fake-openai-model", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}})  # fmt: skip
+    rec = run_json(
+        world,
+        {"model": "fake-openai-model", "messages": []},
+        {"model": "fake-openai-model", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}},
+    )
     assert rec.usage == Usage(input_tokens=1000, output_tokens=100) and not rec.estimated
     assert str(rec.cost_usd) == "0.0035" and rec.price_version == world.prices.table.version
     assert (rec.team, rec.project, rec.status, rec.outcome) == ("team", "proj", 200, "complete")
@@ -187,7 +205,12 @@ def test_tags_header_accepts_pairs_and_json() -> None:
 
 
 def test_expired_key_is_rejected(world: World) -> None:
-    world.table.replace({wrapped_keys.digest(world.key): KeyEntry(
-        **{**world.entry.__dict__, "expires_at": dt.datetime.now(dt.UTC) - dt.timedelta(1)})})  # fmt: skip
+    world.table.replace(
+        {
+            wrapped_keys.digest(world.key): KeyEntry(
+                **{**world.entry.__dict__, "expires_at": dt.datetime.now(dt.UTC) - dt.timedelta(1)}
+            )
+        }
+    )
     reply = world.exchange().on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
     assert reply.immediate_status == 401

@@ -19,14 +19,22 @@ def table() -> PriceTable:
             "effective_date": "2026-01-01",
             "models": {
                 "gpt-4o": {"provider": "openai", "input": "2.50", "cached_input": "1.25", "output": "10"},
-                "gpt-4o-mini": {"provider": "openai", "input": "0.15", "cached_input": "0.075", "output": "0.6"},
+                "gpt-4o-mini": {
+                    "provider": "openai",
+                    "input": "0.15",
+                    "cached_input": "0.075",
+                    "output": "0.6",
+                },
                 "claude-x": {
-                    "provider": "anthropic", "input": "3", "cached_input": "0.30", "output": "15",
+                    "provider": "anthropic",
+                    "input": "3",
+                    "cached_input": "0.30",
+                    "output": "15",
                     "cache_write": "3.75",
                 },
             },
         }
-    )  # fmt: skip
+    )
 
 
 def test_dated_snapshot_matches_its_model_by_longest_prefix(table: PriceTable) -> None:
@@ -57,9 +65,12 @@ def test_cost_is_an_exact_decimal_not_a_float(table: PriceTable) -> None:
 
 def test_float_prices_in_yaml_are_read_as_their_decimal_text() -> None:
     t = PriceTable.model_validate(
-        {"version": "v", "effective_date": "2026-01-01",
-         "models": {"m": {"provider": "openai", "input": 0.1, "cached_input": 0.1, "output": 0.3}}}
-    )  # fmt: skip
+        {
+            "version": "v",
+            "effective_date": "2026-01-01",
+            "models": {"m": {"provider": "openai", "input": 0.1, "cached_input": 0.1, "output": 0.3}},
+        }
+    )
     assert t.models["m"].input == Decimal("0.1")
 
 

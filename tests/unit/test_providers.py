@@ -52,14 +52,29 @@ def test_openai_request_that_is_not_json_is_a_bad_request() -> None:
 
 
 def test_openai_usage_includes_cached_and_reasoning_tokens() -> None:
-    doc = {"model": "o3-2025", "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
-           "prompt_tokens_details": {"cached_tokens": 40}, "completion_tokens_details": {"reasoning_tokens": 30}}}  # fmt: skip
+    doc = {
+        "model": "o3-2025",
+        "usage": {
+            "prompt_tokens": 100,
+            "completion_tokens": 50,
+            "total_tokens": 150,
+            "prompt_tokens_details": {"cached_tokens": 40},
+            "completion_tokens_details": {"reasoning_tokens": 30},
+        },
+    }
     assert openai.usage_from_response("chat.completions", doc) == (Usage(100, 40, 0, 50, 30), "o3-2025")
 
 
 def test_openai_responses_api_usage_is_read_from_its_own_field_names() -> None:
-    doc = {"model": "gpt-5", "usage": {"input_tokens": 12, "output_tokens": 7,
-           "input_tokens_details": {"cached_tokens": 2}, "output_tokens_details": {"reasoning_tokens": 3}}}  # fmt: skip
+    doc = {
+        "model": "gpt-5",
+        "usage": {
+            "input_tokens": 12,
+            "output_tokens": 7,
+            "input_tokens_details": {"cached_tokens": 2},
+            "output_tokens_details": {"reasoning_tokens": 3},
+        },
+    }
     assert openai.usage_from_response("responses", doc)[0] == Usage(12, 2, 0, 7, 3)
 
 
@@ -72,8 +87,9 @@ CHAT_STREAM = sse(
 
 
 def test_openai_stream_usage_comes_from_the_last_chunk_even_when_split_oddly() -> None:
-    req = openai.parse_request("chat.completions", "", b'{"model":"gpt-4o","stream":true,'
-                               b'"stream_options":{"include_usage":true}}')  # fmt: skip
+    req = openai.parse_request(
+        "chat.completions", "", b'{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}'
+    )
     acc = openai.stream_accountant("chat.completions", req)
     assert feed_in_pieces(acc, CHAT_STREAM) == CHAT_STREAM
     assert acc.finish().usage == Usage(input_tokens=9, output_tokens=2)
@@ -117,7 +133,7 @@ MESSAGES_STREAM = (
                 },
             },
         }
-    )  # fmt: skip
+    )
     + b"event: content_block_delta\n"
     + sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi there"}})
     + b"event: message_delta\n"
@@ -128,8 +144,15 @@ MESSAGES_STREAM = (
 
 
 def test_anthropic_input_counts_fresh_cache_write_and_cache_read_tokens() -> None:
-    doc = {"model": "claude-x", "usage": {"input_tokens": 20, "cache_creation_input_tokens": 5,
-           "cache_read_input_tokens": 7, "output_tokens": 3}}  # fmt: skip
+    doc = {
+        "model": "claude-x",
+        "usage": {
+            "input_tokens": 20,
+            "cache_creation_input_tokens": 5,
+            "cache_read_input_tokens": 7,
+            "output_tokens": 3,
+        },
+    }
     assert anthropic.usage_from_response("messages", doc)[0] == Usage(32, 7, 5, 3, 0)
 
 
@@ -167,17 +190,31 @@ def test_gemini_model_and_stream_flag_come_from_the_path() -> None:
 
 
 def test_gemini_output_counts_candidates_and_thoughts() -> None:
-    doc = {"modelVersion": "gemini-2.5-pro", "usageMetadata": {"promptTokenCount": 10,
-           "cachedContentTokenCount": 4, "candidatesTokenCount": 6, "thoughtsTokenCount": 5}}  # fmt: skip
+    doc = {
+        "modelVersion": "gemini-2.5-pro",
+        "usageMetadata": {
+            "promptTokenCount": 10,
+            "cachedContentTokenCount": 4,
+            "candidatesTokenCount": 6,
+            "thoughtsTokenCount": 5,
+        },
+    }
     assert gemini.usage_from_response("generateContent", doc) == (Usage(10, 4, 0, 11, 5), "gemini-2.5-pro")
 
 
 def test_gemini_stream_uses_the_last_cumulative_usage() -> None:
-    chunk = lambda n: {"candidates": [{"content": {"parts": [{"text": "x"}]}}],  # noqa: E731
-                       "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": n}}  # fmt: skip
+    def chunk(n: int) -> dict[str, object]:
+        return {
+            "candidates": [{"content": {"parts": [{"text": "x"}]}}],
+            "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": n},
+        }
     data = b"".join(b"data: " + json.dumps(chunk(n)).encode() + b"\r\n\r\n" for n in (1, 2, 3))
-    acc = gemini.stream_accountant("streamGenerateContent", gemini.parse_request(
-        "streamGenerateContent", "/v1beta/models/m:streamGenerateContent", b'{"contents":[]}'))  # fmt: skip
+    acc = gemini.stream_accountant(
+        "streamGenerateContent",
+        gemini.parse_request(
+            "streamGenerateContent", "/v1beta/models/m:streamGenerateContent", b'{"contents":[]}'
+        ),
+    )
     feed_in_pieces(acc, data, 5)
     assert acc.finish().usage == Usage(input_tokens=10, output_tokens=3)
 

@@ -18,8 +18,19 @@ def test_two_generated_keys_differ() -> None:
 
 
 def _entry(expires: dt.datetime | None = None) -> KeyEntry:
-    return KeyEntry(uuid.uuid4(), "sg-x", "n", None, None, None, expires, "openai", uuid.uuid4(),
-                    upstream_for("https://api.openai.com"), "sk-secret")  # fmt: skip
+    return KeyEntry(
+        uuid.uuid4(),
+        "sg-x",
+        "n",
+        None,
+        None,
+        None,
+        expires,
+        "openai",
+        uuid.uuid4(),
+        upstream_for("https://api.openai.com"),
+        "sk-secret",
+    )
 
 
 def test_key_table_finds_a_key_by_its_hash() -> None:
