@@ -1,0 +1,132 @@
+"""Every shipped Envoy config is current and passes `envoy --mode validate`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+
+import certifi
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec as ecdsa
+from cryptography.x509.oid import NameOID
+
+from extproc import envoy_config, shipped_configs
+from extproc.stack import envoy_binary
+
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+
+
+def validate(config: dict[str, object], tmp_path: Path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    res = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    """A throwaway certificate and key for localhost."""
+    key = ecdsa.generate_private_key(ecdsa.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs.rendered()))
+def test_shipped_file_matches_what_the_code_renders(name: str) -> None:
+    assert (ENVOY_DIR / name).read_text() == shipped_configs.rendered()[name], "run `spendgate envoy render`"
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy.compose.yaml"])
+def test_shipped_bootstrap_validates(name: str, tmp_path: Path) -> None:
+    validate(yaml.safe_load((ENVOY_DIR / name).read_text()), tmp_path)
+
+
+def test_snippets_drop_into_an_existing_envoy_config_and_validate(tmp_path: Path) -> None:
+    """A user's own listener plus our filters, route config and clusters, taken from the snippet files."""
+    snippet = lambda n: yaml.safe_load((ENVOY_DIR / "snippets" / n).read_text())  # noqa: E731
+    config = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "users_ingress",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "ingress",
+                                        "route_config": snippet("route_config.yaml"),
+                                        "http_filters": [
+                                            *snippet("http_filters.yaml"),
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                                },
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [snippet("extproc_cluster.yaml"), *snippet("provider_clusters.yaml")],
+        }
+    }
+    validate(config, tmp_path)
+
+
+def test_bootstrap_with_a_tls_listener_validates(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    opts = envoy_config.BootstrapOptions(
+        endpoints=[envoy_config.Endpoint("unix:/tmp/x.sock")],
+        ca_file=certifi.where(),
+        tls_port=8443,
+        tls_cert=cert,
+        tls_key=key,
+    )
+    validate(envoy_config.bootstrap(opts), tmp_path)
+
+
+def test_filter_fails_closed() -> None:
+    cfg = envoy_config.ext_proc_filter()["typed_config"]
+    assert cfg["failure_mode_allow"] is False  # type: ignore[index]
+
+
+def test_provider_clusters_verify_upstream_tls_by_default() -> None:
+    for cluster in yaml.safe_load((ENVOY_DIR / "snippets" / "provider_clusters.yaml").read_text()):
+        tls = cluster["transport_socket"]["typed_config"]
+        assert (
+            tls["sni"]
+            == cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["hostname"]
+        )
+        assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
