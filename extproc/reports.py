@@ -23,9 +23,9 @@ def usage_report(conn: psycopg.Connection[Any], by: str, since: dt.datetime) -> 
     group = GROUPS[by]
     sql = f"""
         SELECT {group} AS {by}, count(*) AS requests,
-               sum(u.input_tokens) AS input_tokens, sum(u.cached_input_tokens) AS cached_input_tokens,
-               sum(u.cache_write_tokens) AS cache_write_tokens, sum(u.output_tokens) AS output_tokens,
-               sum(u.reasoning_tokens) AS reasoning_tokens,
+               sum(u.input_tokens)::bigint AS input_tokens, sum(u.cached_input_tokens)::bigint AS cached_input_tokens,
+               sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+               sum(u.reasoning_tokens)::bigint AS reasoning_tokens,
                coalesce(sum(u.cost_usd), 0) AS cost_usd,
                count(*) FILTER (WHERE u.estimated) AS estimated,
                count(*) FILTER (WHERE u.cost_usd IS NULL AND u.status < 400) AS unpriced
