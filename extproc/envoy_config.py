@@ -65,15 +65,23 @@ def ext_proc_filter(message_timeout_ms: int = 2000) -> dict[str, Any]:
     }
 
 
-def strip_route_header_filter() -> dict[str, Any]:
-    """Drops a client-sent upstream header before ext_proc, so only the filter can route."""
-    return {
-        "name": "envoy.filters.http.header_mutation",
-        "typed_config": {
-            "@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [{"remove": UPSTREAM_HEADER}]},
-        },
-    }
+def strip_route_header() -> list[dict[str, Any]]:
+    """HCM early header mutation: drop a client-sent upstream header before the route is chosen.
+
+    Envoy picks the route when request headers arrive, before any http filter runs, so removing
+    the header in a filter would be too late: a forged header would already have routed the
+    request, and a filter that never answers would let it through. Only the ext_proc filter,
+    which clears the route cache, may route.
+    """
+    return [
+        {
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": _T + "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": [{"remove": UPSTREAM_HEADER}],
+            },
+        }
+    ]
 
 
 def ext_proc_cluster(endpoints: list[Endpoint]) -> dict[str, Any]:
@@ -194,9 +202,9 @@ def _hcm(stat_prefix: str, message_timeout_ms: int) -> dict[str, Any]:
             "codec_type": "AUTO",
             "stream_idle_timeout": "300s",
             "request_timeout": "0s",
+            "early_header_mutation_extensions": strip_route_header(),
             "route_config": route_config(),
             "http_filters": [
-                strip_route_header_filter(),
                 ext_proc_filter(message_timeout_ms),
                 {
                     "name": "envoy.filters.http.router",

@@ -33,7 +33,8 @@ def documents() -> dict[str, Any]:
     return {
         "envoy.yaml": ec.bootstrap(standalone),
         "envoy.compose.yaml": ec.bootstrap(compose),
-        "snippets/http_filters.yaml": [ec.strip_route_header_filter(), ec.ext_proc_filter()],
+        "snippets/http_filters.yaml": [ec.ext_proc_filter()],
+        "snippets/early_header_mutation_extensions.yaml": ec.strip_route_header(),
         "snippets/extproc_cluster.yaml": ec.ext_proc_cluster([ec.Endpoint("127.0.0.1:50051")]),
         "snippets/provider_clusters.yaml": [
             ec.provider_cluster(u, SYSTEM_CA) for u in ec.default_upstreams()
