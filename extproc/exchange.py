@@ -226,6 +226,10 @@ class Exchange:
         if "text/event-stream" in content_type:
             self._stream = self._provider.stream_accountant(self._api, self._request)
             reply.response_body_mode = "STREAMED"
+            if self._request.strip_usage and "content-length" in headers:
+                # The stream will be rewritten, so the upstream's length no longer holds; Envoy
+                # fails a mutated streamed body that disagrees with a content-length it sent on.
+                reply.remove_headers.append("content-length")
         else:
             reply.response_body_mode = "BUFFERED"
         return reply

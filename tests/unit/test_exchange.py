@@ -214,3 +214,11 @@ def test_expired_key_is_rejected(world: World) -> None:
     )
     reply = world.exchange().on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
     assert reply.immediate_status == 401
+
+
+def test_rewritten_stream_drops_the_upstream_content_length(world: World) -> None:
+    ex = world.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
+    ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[]}')
+    reply = ex.on_response_headers({":status": "200", "content-type": "text/event-stream", "content-length": "99"}, False)
+    assert "content-length" in reply.remove_headers

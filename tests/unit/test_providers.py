@@ -208,6 +208,7 @@ def test_gemini_stream_uses_the_last_cumulative_usage() -> None:
             "candidates": [{"content": {"parts": [{"text": "x"}]}}],
             "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": n},
         }
+
     data = b"".join(b"data: " + json.dumps(chunk(n)).encode() + b"\r\n\r\n" for n in (1, 2, 3))
     acc = gemini.stream_accountant(
         "streamGenerateContent",
