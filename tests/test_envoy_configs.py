@@ -82,7 +82,9 @@ def test_snippets_drop_into_an_existing_envoy_config_and_validate(tmp_path: Path
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "ingress",
-                        "early_header_mutation_extensions": snippet("early_header_mutation_extensions.yaml"),
+                                        "early_header_mutation_extensions": snippet(
+                                            "early_header_mutation_extensions.yaml"
+                                        ),
                                         "route_config": snippet("route_config.yaml"),
                                         "http_filters": [
                                             *snippet("http_filters.yaml"),

@@ -28,7 +28,7 @@ WRAPPED_LOOKING = "sg-" + "7" * 43
 class SilentFilter(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Closes every stream without answering a single phase."""
 
-    def Process(self, request_iterator: Iterator[object], context: grpc.ServicerContext) -> Iterator[object]:  # noqa: N802
+    def Process(self, request_iterator: Iterator[object], context: grpc.ServicerContext) -> Iterator[object]:
         return iter(())
 
 

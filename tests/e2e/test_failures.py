@@ -40,7 +40,7 @@ def test_client_hanging_up_mid_stream_still_yields_an_estimated_record(
 def test_upstream_stream_cut_short_raises_in_the_app_and_yields_an_estimated_record(
     stack: Stack, openai_key: Issued
 ) -> None:
-    with pytest.raises((openai.APIError, Exception)):  # noqa: B017 - the SDK surfaces a transport error
+    with pytest.raises((openai.APIError, Exception)):
         for _ in oa(stack, openai_key.key).chat.completions.create(
             model="fake-openai-model",
             messages=MESSAGES,
@@ -57,14 +57,17 @@ def test_anthropic_stream_cut_short_keeps_the_reported_input_and_counts_the_outp
     stack: Stack, anthropic_key: Issued
 ) -> None:
     c = anthropic.Anthropic(base_url=stack.url, api_key=anthropic_key.key, max_retries=0)
-    with pytest.raises(Exception):  # noqa: B017,PT011 - a broken stream surfaces as a transport error
-        with c.messages.stream(
+    # The SDK lets the transport's own error through (httpx2.RemoteProtocolError), not an APIError.
+    with (
+        pytest.raises(Exception),  # noqa: B017
+        c.messages.stream(
             model="fake-anthropic-model",
             max_tokens=100,
             messages=MESSAGES,
             extra_headers={"x-fake-scenario": "cut"},
-        ) as s:
-            s.until_done()
+        ) as s,
+    ):
+        s.until_done()
     (row,) = usage_rows(stack, anthropic_key.key_id)
     assert row["estimated"] is True
     assert row["input_tokens"] == 41 + 7 + 13 and row["output_tokens"] >= 1
