@@ -54,6 +54,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Run the local stack in the foreground."""
     from extproc.stack import Stack, StackOptions
 
+    if args.tls_port and not (args.tls_cert and args.tls_key):
+        raise admin.AdminError("--tls-port needs --tls-cert and --tls-key")
     log.configure(os.environ.get("SPENDGATE_LOG_LEVEL", "INFO"))
     stack = Stack(
         StackOptions(
@@ -128,7 +130,7 @@ def cmd_providers(args: argparse.Namespace) -> int:
         if args.action == "add":
             secret = _read_secret(args.secret_env)
             cid = admin.add_provider(
-                conn, load_keyring(_home(), create=True), args.provider, args.name, secret, args.base_url
+                conn, load_keyring(_home()), args.provider, args.name, secret, args.base_url
             )
             print(f"added provider credential {args.name} ({args.provider}) id {cid}")
         elif args.action == "list":

@@ -97,7 +97,7 @@ def parse_tags(raw: str, limit: int) -> dict[str, str]:
         except ValueError:
             return {}
         items = doc.items() if isinstance(doc, dict) else []
-        pairs = [(str(k), str(v)) for k, v in items]
+        pairs = [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in items]
     else:
         pairs = [tuple(p.split("=", 1)) for p in raw.split(",") if "=" in p]  # type: ignore[misc]
     for k, v in pairs[:limit]:
@@ -136,6 +136,7 @@ class Exchange:
         self._inflate: zlib._Decompress | None = None
         self._tags: dict[str, str] = {}
         self._rewrite_error = False
+        self._first_chunk_seen = False
         self.finished = False
 
     # -- request headers ---------------------------------------------------------------
@@ -192,6 +193,9 @@ class Exchange:
     def on_request_body(self, body: bytes) -> Reply:
         """Parse the request; rewrite it when accounting needs the provider to report usage."""
         assert self._provider is not None
+        if len(body) > self._limits.max_request_body_bytes:
+            # A chunked upload carries no content-length for the header check to catch.
+            return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
         try:
             self._request = self._provider.parse_request(self._api, self._path, body)
         except BadRequest as exc:
@@ -209,9 +213,10 @@ class Exchange:
         self._ttft_ms = self._elapsed_ms()
         reply = Reply(set_headers=[(REQUEST_ID_HEADER, self.request_id)])
         content_type = headers.get("content-type", "")
-        if self._status >= 500 and "json" not in content_type and not end_of_stream:
-            # Envoy's own replies (connect failure, timeout, overflow) are plain text; an SDK
-            # expects its provider's JSON error, so the body is replaced once it is complete.
+        if self._status >= 400 and "json" not in content_type and not end_of_stream:
+            # Envoy's own replies (connect failure, timeout, overflow, 413 on a body past its
+            # buffer) are plain text; an SDK expects its provider's JSON error, so the body is
+            # replaced once it is complete.
             self._rewrite_error = True
             reply.response_body_mode = "BUFFERED"
             return reply
@@ -242,6 +247,10 @@ class Exchange:
         data = self._inflate.decompress(chunk) if self._inflate is not None else chunk
         replacement = None
         if self._stream is not None:
+            if not self._first_chunk_seen:
+                # For a stream, the first token is the first body chunk, not the headers.
+                self._first_chunk_seen = True
+                self._ttft_ms = self._elapsed_ms()
             replacement = self._stream.feed(data)
             if replacement is not None and self._inflate is not None:
                 # The client was told the body is compressed; a rewritten body is not.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import psycopg
 import structlog
@@ -41,10 +42,14 @@ class KeyStore:
         # (credential id, nonce) -> plaintext. Kept across refreshes so that a proxy whose
         # keyring lacks a new master key still serves with the secret it already had.
         self._secrets: dict[uuid.UUID, tuple[bytes, str]] = {}
+        self._warned: set[tuple[uuid.UUID, bytes]] = set()
 
-    async def refresh(self) -> None:
-        """Load the live keys now."""
-        async with await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=3) as conn:
+    async def refresh(self, conn: psycopg.AsyncConnection[Any] | None = None) -> None:
+        """Load the live keys now, on `conn` or on a connection of its own."""
+        if conn is None:
+            async with await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=3) as own:
+                rows = await (await own.execute(_LIVE_KEYS)).fetchall()
+        else:
             rows = await (await conn.execute(_LIVE_KEYS)).fetchall()
         entries: dict[bytes, KeyEntry] = {}
         for (
@@ -89,7 +94,9 @@ class KeyStore:
             plain = self._keyring.open(sealed, credential_aad(cid))
         except MasterKeyError as exc:
             if cached is not None:
-                log.warning("credential.kept_previous_secret", credential_id=str(cid), reason=str(exc))
+                if (cid, sealed.nonce) not in self._warned:
+                    self._warned.add((cid, sealed.nonce))
+                    log.warning("credential.kept_previous_secret", credential_id=str(cid), reason=str(exc))
                 return cached[1]
             log.error("credential.undecryptable", credential_id=str(cid), reason=str(exc))
             return None
@@ -108,11 +115,11 @@ class KeyStore:
                     self._dsn, autocommit=True, connect_timeout=3
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANGES_CHANNEL}".encode())
-                    await self.refresh()
+                    await self.refresh(conn)
                     while True:
                         async for _ in conn.notifies(timeout=self._interval, stop_after=1):
                             pass
-                        await self.refresh()
+                        await self.refresh(conn)
             except (psycopg.Error, OSError) as exc:
                 log.warning("keys.refresh_failed", error=type(exc).__name__)
                 await asyncio.sleep(self._interval)

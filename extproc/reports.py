@@ -28,7 +28,7 @@ def usage_report(conn: psycopg.Connection[Any], by: str, since: dt.datetime) -> 
                sum(u.reasoning_tokens)::bigint AS reasoning_tokens,
                coalesce(sum(u.cost_usd), 0) AS cost_usd,
                count(*) FILTER (WHERE u.estimated) AS estimated,
-               count(*) FILTER (WHERE u.cost_usd IS NULL AND u.status < 400) AS unpriced
+               count(*) FILTER (WHERE u.cost_usd IS NULL AND u.status < 400 AND u.api <> 'passthrough') AS unpriced
         FROM usage_events u LEFT JOIN api_keys k ON k.id = u.key_id
         WHERE u.ts >= %s
         GROUP BY 1 ORDER BY cost_usd DESC, 1

@@ -95,8 +95,11 @@ class Stack:
         if not self.dsn:
             self._pg = EmbeddedPostgres(self.opts.home)
             self.dsn = self._pg.start()
-        # CLI commands in other shells find the database through this file.
-        url_file.write_text(self.dsn + "\n")
+        # CLI commands in other shells find the database through this file; it may hold a
+        # password, so only this user may read it, and it goes away when the stack stops.
+        fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.dsn + "\n")
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             applied = db.migrate(conn)
         if applied:
@@ -245,6 +248,7 @@ class Stack:
                     p.kill()
                     p.wait()
         self._procs.clear()
+        (self.opts.home / "database_url").unlink(missing_ok=True)
         if self._pg is not None:
             self._pg.stop()
             self._pg = None

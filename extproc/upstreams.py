@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -38,5 +39,10 @@ def upstream_for(base_url: str) -> Upstream:
     if tls and port == 443 and host in _WELL_KNOWN:
         name = _WELL_KNOWN[host]
     else:
-        name = "up_" + re.sub(r"[^a-zA-Z0-9]+", "_", host) + f"_{port}" + ("_tls" if tls else "")
+        # The readable part folds punctuation (a-b.x and a.b.x look alike), so a digest of the
+        # exact address keeps two hosts from ever sharing a cluster, and so a credential.
+        exact = hashlib.sha256(f"{parts.scheme}://{host}:{port}".encode()).hexdigest()[:8]
+        name = (
+            "up_" + re.sub(r"[^a-zA-Z0-9]+", "_", host) + f"_{port}" + ("_tls" if tls else "") + "_" + exact
+        )
     return Upstream(name, host, port, tls, prefix)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -76,7 +78,11 @@ class UsageWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except OSError as exc:
+                # The spool could not even be read; records stay queued and the next tick retries.
+                log.error("usage.flush_failed", error=str(exc))
 
     async def flush(self) -> None:
         """Write everything queued now: to Postgres if it is up, else to the spool."""
@@ -107,42 +113,48 @@ class UsageWriter:
     def _spool_has_data(self) -> bool:
         try:
             return self._spool.stat().st_size > 0
-        except FileNotFoundError:
+        except OSError:  # missing, or its folder is unusable: either way nothing to replay from it
             return False
 
     def _spool_out(self, batch: list[UsageRecord]) -> None:
         if not batch:
             return
-        self._spool.parent.mkdir(parents=True, exist_ok=True)
         data = b"".join(json.dumps(r.to_json(), separators=(",", ":")).encode() + b"\n" for r in batch)
-        fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._spool.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT) as fd:
+                os.write(fd, data)
+                os.fsync(fd)
+        except OSError as exc:
+            # Disk full or unwritable: keep the batch in memory, in order, and try again later.
+            self._queue.extendleft(reversed(batch))
+            log.error("usage.spool_failed", records=len(batch), error=str(exc))
+            return
         log.warning("usage.spooled", records=len(batch), spool=str(self._spool))
 
     async def _replay(self) -> bool:
         """Insert the spool's records in order; True once the spool is empty."""
         if time.monotonic() < self._down_until:
             return False
-        records = []
-        with self._spool.open("rb") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        records.append(UsageRecord.from_json(json.loads(line)))
-                    except (ValueError, KeyError) as exc:
-                        # A torn last line from a crash mid-write is the only way to get here.
-                        log.error("usage.spool_line_unreadable", error=str(exc))
-        for i in range(0, len(records), self._batch_size):
-            if not await self._insert(records[i : i + self._batch_size]):
-                return False
-        # Everything is in Postgres; a crash before this truncate replays harmlessly.
-        with self._spool.open("wb") as f:
-            os.fsync(f.fileno())
+        # Held across read, insert and truncate, so a second process sharing this spool can't
+        # append a record in between that the truncate would then lose.
+        with _locked(self._spool, os.O_RDWR) as fd:
+            records = []
+            with os.fdopen(os.dup(fd), "rb") as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        try:
+                            records.append(UsageRecord.from_json(json.loads(line)))
+                        except (ValueError, KeyError) as exc:
+                            # A torn last line from a crash mid-write is the only way to get here.
+                            log.error("usage.spool_line_unreadable", error=str(exc))
+            for i in range(0, len(records), self._batch_size):
+                if not await self._insert(records[i : i + self._batch_size]):
+                    return False
+            # Everything is in Postgres; a crash before this truncate replays harmlessly.
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
         log.info("usage.spool_replayed", records=len(records))
         return True
 
@@ -179,3 +191,14 @@ class UsageWriter:
             return False
         self.written += len(batch)
         return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path, flags: int) -> Iterator[int]:
+    """An open descriptor on `path` holding an exclusive advisory lock."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)

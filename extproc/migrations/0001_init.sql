@@ -46,7 +46,7 @@ CREATE TABLE usage_events (
     cache_write_tokens  bigint NOT NULL DEFAULT 0,
     output_tokens       bigint NOT NULL DEFAULT 0,
     reasoning_tokens    bigint NOT NULL DEFAULT 0,
-    cost_usd            numeric(20, 10),
+    cost_usd            numeric(30, 18),  -- exact: per-token prices run to 12 decimal places
     price_version       text,
     latency_ms          integer,
     ttft_ms             integer,

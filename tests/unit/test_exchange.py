@@ -76,7 +76,8 @@ def test_every_header_that_may_carry_a_credential_is_cleared(world: World) -> No
 
 def test_request_is_routed_to_the_credentials_cluster(world: World) -> None:
     reply = world.exchange().on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
-    assert ("x-spendgate-upstream", "up_127_0_0_1_9999") in reply.set_headers and reply.clear_route_cache
+    cluster = upstream_for("http://127.0.0.1:9999").cluster
+    assert ("x-spendgate-upstream", cluster) in reply.set_headers and reply.clear_route_cache
 
 
 def test_gemini_query_key_is_removed_from_the_path() -> None:
@@ -220,5 +221,21 @@ def test_rewritten_stream_drops_the_upstream_content_length(world: World) -> Non
     ex = world.exchange()
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
     ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[]}')
-    reply = ex.on_response_headers({":status": "200", "content-type": "text/event-stream", "content-length": "99"}, False)
+    reply = ex.on_response_headers(
+        {":status": "200", "content-type": "text/event-stream", "content-length": "99"}, False
+    )
     assert "content-length" in reply.remove_headers
+
+
+def test_chunked_body_over_the_limit_is_rejected_with_413(world: World) -> None:
+    ex = world.exchange(Limits(max_request_body_bytes=10))
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
+    assert ex.on_request_body(b'{"model":"m","messages":[]}').immediate_status == 413
+
+
+def test_envoy_plain_text_413_is_rewritten_in_the_provider_format(world: World) -> None:
+    ex = world.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
+    ex.on_response_headers({":status": "413", "content-type": "text/plain"}, False)
+    reply = ex.on_response_body(b"Payload Too Large", True)
+    assert reply is not None and json.loads(reply.body or b"")["error"]["code"] == "request_too_large"

@@ -52,7 +52,12 @@ def test_entry_repr_does_not_show_the_provider_secret() -> None:
 
 def test_upstream_of_a_custom_base_url_keeps_its_path_prefix() -> None:
     up = upstream_for("https://llm.example.com:8443/openai/v1")
-    assert (up.cluster, up.path_prefix, up.tls) == ("up_llm_example_com_8443_tls", "/openai", True)
+    assert (up.path_prefix, up.tls) == ("/openai", True)
+    assert up.cluster.startswith("up_llm_example_com_8443_tls_")
+
+
+def test_hosts_that_differ_only_in_punctuation_get_different_clusters() -> None:
+    assert upstream_for("https://a-b.example.com").cluster != upstream_for("https://a.b.example.com").cluster
 
 
 def test_public_provider_base_url_uses_the_shipped_cluster() -> None:
