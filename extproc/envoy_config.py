@@ -97,6 +97,17 @@ def ext_proc_cluster(endpoints: list[Endpoint]) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 100000}},
             }
         },
+        # grpc.health.v1 on each process: one that is down or shutting down leaves rotation.
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "2s",
+                "no_traffic_interval": "2s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
         # Every open request holds a stream; Envoy's default of 1,024 would turn load into 503s.
         "circuit_breakers": {
             "thresholds": [

@@ -273,7 +273,11 @@ class Exchange:
     # -- end -----------------------------------------------------------------------------
     def abandon(self) -> None:
         """The stream to Envoy ended early: the client hung up or the upstream broke."""
-        if not self.finished:
+        if self.finished:
+            return
+        if self._stream is not None and self._stream.ended:
+            self.finalize("complete")
+        else:
             self.finalize("client_disconnect" if self._status == 0 else "incomplete")
 
     def reject(self, status: int, message: str, *, record: bool = True) -> Reply:

@@ -11,6 +11,8 @@ from pathlib import Path
 import grpc
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from extproc import db, tokens
 from extproc.crypto import load_keyring
@@ -54,6 +56,10 @@ async def serve(opts: ServeOptions) -> None:
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange), server)
+    # Envoy health-checks each extproc process, so a restarting one is taken out of rotation
+    # instead of answering its share of requests with 503s.
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if opts.listen.startswith("unix:"):
         sock = Path(opts.listen[5:])
         sock.unlink(missing_ok=True)
@@ -76,6 +82,7 @@ async def serve(opts: ServeOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("extproc.stopping")
+    await health.enter_graceful_shutdown()
     await server.stop(opts.grace_seconds)
     for t in tasks:
         t.cancel()

@@ -72,7 +72,7 @@ class Anthropic:
 
     def stream_accountant(self, api: str, request: ParsedRequest) -> StreamAccountant:
         """See Provider.stream_accountant."""
-        return SSEAccountant(_carries_usage, _reduce, _delta_text)
+        return SSEAccountant(_carries_usage, _reduce, _delta_text, lambda data: '"message_stop"' in data)
 
     def prompt_text(self, api: str, doc: Any) -> str:
         """See Provider.prompt_text."""

@@ -43,6 +43,8 @@ class StreamResult:
 class StreamAccountant(Protocol):
     """Consumes a response stream chunk by chunk."""
 
+    ended: bool  # the provider's own end-of-stream event has been seen
+
     def feed(self, chunk: bytes) -> bytes | None:
         """Take one body chunk; return replacement bytes for the client, or None to pass it as is."""
 
@@ -155,8 +157,11 @@ class SSEAccountant:
         wants: Callable[[str], bool],
         reduce: Callable[[list[Any]], tuple[Usage | None, str | None]],
         text_of: Callable[[Any], list[str]],
+        is_end: Callable[[str], bool],
         drop: Callable[[str], bool] | None = None,
     ) -> None:
+        self.ended = False
+        self._is_end = is_end
         self._decoder = SSEDecoder()
         self._wants = wants
         self._reduce = reduce
@@ -171,6 +176,10 @@ class SSEAccountant:
         dropped = False
         for data in events:
             self._events.append(data)
+            if self._is_end(data):
+                # A client may hang up once it has this event, before Envoy sends the
+                # empty end-of-stream chunk; the answer was still delivered whole.
+                self.ended = True
             if self._wants(data):
                 self._usage_events.append(data)
                 if self._drop is not None and self._drop(data):

@@ -86,7 +86,13 @@ class Gemini:
 
     def stream_accountant(self, api: str, request: ParsedRequest) -> StreamAccountant:
         """See Provider.stream_accountant."""
-        return SSEAccountant(lambda data: '"usageMetadata"' in data, _reduce, _delta_text)
+        # The last chunk of a generation carries its finishReason.
+        return SSEAccountant(
+            lambda data: '"usageMetadata"' in data,
+            _reduce,
+            _delta_text,
+            lambda data: '"finishReason"' in data,
+        )
 
     def prompt_text(self, api: str, doc: Any) -> str:
         """See Provider.prompt_text."""

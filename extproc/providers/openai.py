@@ -90,11 +90,12 @@ class OpenAI:
     def stream_accountant(self, api: str, request: ParsedRequest) -> StreamAccountant:
         """See Provider.stream_accountant."""
         if api == RESPONSES:
-            return SSEAccountant(_is_response_done, self._reduce_responses, _delta_text)
+            return SSEAccountant(_is_response_done, self._reduce_responses, _delta_text, _is_response_done)
         return SSEAccountant(
             _carries_usage,
             self._reduce_chunks,
             _delta_text,
+            lambda data: data == "[DONE]",
             drop=_is_usage_only_chunk if request.strip_usage else None,
         )
 

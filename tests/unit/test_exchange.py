@@ -239,3 +239,16 @@ def test_envoy_plain_text_413_is_rewritten_in_the_provider_format(world: World) 
     ex.on_response_headers({":status": "413", "content-type": "text/plain"}, False)
     reply = ex.on_response_body(b"Payload Too Large", True)
     assert reply is not None and json.loads(reply.body or b"")["error"]["code"] == "request_too_large"
+
+
+def test_stream_ended_by_the_provider_is_complete_even_if_the_client_leaves_first(world: World) -> None:
+    ex = world.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
+    ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[]}')
+    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    ex.on_response_body(
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n', False
+    )
+    ex.abandon()  # the client hung up before Envoy sent the empty end-of-stream chunk
+    rec = world.records[0]
+    assert rec.outcome == "complete" and not rec.estimated and rec.usage.output_tokens == 2
