@@ -7,7 +7,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
-from extproc.exchange import BodyMode, Reply
+from extproc.exchange import HEADERS_READ, BodyMode, Reply
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MODES = {
@@ -20,24 +20,25 @@ _SKIP = processing_mode_pb2.ProcessingMode.SKIP
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
-    """Envoy's header list as a dict; values arrive as raw bytes."""
-    out: dict[str, str] = {}
-    for h in headers.headers.headers:
-        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
-    return out
+    """The headers an Exchange reads, as a dict; values arrive as raw bytes."""
+    return {
+        h.key: h.raw_value.decode("latin-1") if h.raw_value else h.value
+        for h in headers.headers.headers
+        if h.key in HEADERS_READ
+    }
 
 
 def _mutation(reply: Reply) -> pb.HeaderMutation | None:
     if not reply.set_headers and not reply.remove_headers:
         return None
     return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")), append_action=_OVERWRITE
-            )
-            for k, v in reply.set_headers
-        ],
-        remove_headers=reply.remove_headers,
+        set_headers=[_header(k, v) for k, v in reply.set_headers], remove_headers=reply.remove_headers
+    )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")), append_action=_OVERWRITE
     )
 
 

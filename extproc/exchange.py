@@ -42,6 +42,19 @@ TAGS_HEADER = "x-spendgate-tags"
 # wrapped key can never reach a provider whichever header it came in.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 _STRIP_ALWAYS = (*CREDENTIAL_HEADERS, TAGS_HEADER, "accept-encoding")
+# The only headers an Exchange reads; the servicer decodes nothing else.
+HEADERS_READ = frozenset(
+    {
+        *_STRIP_ALWAYS,
+        ":method",
+        ":path",
+        ":status",
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "anthropic-version",
+    }
+)
 
 BodyMode = Literal["BUFFERED", "STREAMED"]
 
