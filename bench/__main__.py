@@ -126,7 +126,10 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=int, default=10, help="duration of each measured run (default 10)")
     ap.add_argument(
-        "--workers", type=int, default=2, help="extproc processes in the Spendgate stack (default 2)"
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="extproc processes in the Spendgate stack (default: cores/2, as spendgate up)",
     )
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()

@@ -36,7 +36,7 @@ class StackOptions:
     listen_host: str = "127.0.0.1"
     port: int = 8080
     admin_port: int = 9901
-    workers: int = 2
+    workers: int = 1
     envoy_concurrency: int = 1
     tls_port: int | None = None
     tls_cert: str | None = None

@@ -40,7 +40,9 @@ def test_stack_without_database_url_runs_embedded_postgres_serves_tls_and_leaves
 ) -> None:
     cert, key = self_signed(workdir)
     tls_port = free_port()
-    stack = start_stack(None, workdir, "--tls-port", str(tls_port), "--tls-cert", cert, "--tls-key", key)
+    stack = start_stack(
+        None, workdir, "--workers", "2", "--tls-port", str(tls_port), "--tls-cert", cert, "--tls-key", key
+    )
     try:
         assert "?host=" in stack.dsn  # the embedded server is socket-only
         issued = issue_key(stack, "openai", fake.base_url)
