@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             listen=args.listen,
             dsn=db.database_url(home),
             home=home,
-            pricing=args.policies / "pricing.yaml",
+            policies=args.policies,
             spool=args.spool or home / "spool.jsonl",
             key_refresh_seconds=args.key_refresh,
             limits=Limits(max_request_body_bytes=args.max_body_bytes),

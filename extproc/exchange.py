@@ -14,18 +14,20 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import structlog
 
 from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
-from extproc.pricing import PriceTable
+from extproc.policy.evaluate import Subject, decide
+from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
 from extproc.providers.base import (
     PASSTHROUGH,
     BadRequest,
+    Change,
     ParsedRequest,
     Provider,
     StreamAccountant,
@@ -80,11 +82,12 @@ class Limits:
     max_tags: int = 16
 
 
-class PriceBook:
-    """The price table in force; replaced whole on reload."""
+class PolicySource(Protocol):
+    """Where an Exchange reads the policy set in force (a PolicyStore, or a fixed set in tests)."""
 
-    def __init__(self, table: PriceTable) -> None:
-        self.table = table
+    @property
+    def current(self) -> PolicySet:
+        """The prices and policies to apply to a request starting now."""
 
 
 def _presented_credentials(headers: dict[str, str], query: dict[str, str]) -> list[str]:
@@ -126,12 +129,13 @@ class Exchange:
     def __init__(
         self,
         keys: KeyTable,
-        prices: PriceBook,
+        policies: PolicySource,
         emit: Callable[[UsageRecord], None],
         limits: Limits,
     ) -> None:
         self._keys = keys
-        self._prices = prices
+        # One consistent set per request, even if a reload lands while it is in flight.
+        self._set = policies.current
         self._emit = emit
         self._limits = limits
         self.request_id = str(uuid.uuid4())
@@ -141,6 +145,8 @@ class Exchange:
         self._entry: KeyEntry | None = None
         self._api = PASSTHROUGH
         self._path = ""
+        self._query: dict[str, str] = {}
+        self._model_routed: str | None = None
         self._request: ParsedRequest | None = None
         self._status = 0
         self._ttft_ms: int | None = None
@@ -195,12 +201,17 @@ class Exchange:
             clear_route_cache=True,
         )
         query.pop("key", None)
-        new_path = entry.upstream.path_prefix + path + ("?" + urlencode(query) if query else "")
+        self._query = query
+        new_path = self._upstream_path(path)
         if new_path != raw_path:
             reply.set_headers.append((":path", new_path))
         if self._api != PASSTHROUGH and not end_of_stream:
             reply.request_body_mode = "BUFFERED"
         return reply
+
+    def _upstream_path(self, path: str) -> str:
+        assert self._entry is not None
+        return self._entry.upstream.path_prefix + path + ("?" + urlencode(self._query) if self._query else "")
 
     # -- request body ------------------------------------------------------------------
     def on_request_body(self, body: bytes) -> Reply:
@@ -213,10 +224,38 @@ class Exchange:
             self._request = self._provider.parse_request(self._api, self._path, body)
         except BadRequest as exc:
             return self.reject(400, str(exc))
-        reply = Reply()
-        if self._request.rewritten is not None:
+        reply = self._apply_policies(self._request)
+        if reply.immediate_status is None and self._request.rewritten is not None:
             reply.body = self._request.rewritten
             reply.set_headers.append(("content-length", str(len(self._request.rewritten))))
+        return reply
+
+    def _apply_policies(self, req: ParsedRequest) -> Reply:
+        """Model rules, routing and transforms of the policies bound to this key."""
+        assert self._entry is not None and self._provider is not None
+        e = self._entry
+        decision = decide(
+            self._set.policies, Subject(e.name, e.prefix, e.team, e.project, e.policy), req.model
+        )
+        for reason in decision.shadow:
+            log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
+        if decision.reject is not None:
+            return self.reject(403, decision.reject)
+        self._tags = {**decision.tags, **self._tags}  # the request's own tags win over defaults
+        self._model_routed = decision.model
+        change = Change(
+            model=decision.model if decision.model != req.model else None,
+            max_tokens=decision.max_tokens,
+            system_prompt=decision.system_prompt,
+        )
+        reply = Reply()
+        if change == Change() or not isinstance(req.body, dict):
+            return reply
+        changed, new_path = self._provider.transform(self._api, req.body, self._path, change)
+        if changed:
+            req.rewritten = json.dumps(req.body, separators=(",", ":")).encode()
+        if new_path is not None:
+            reply.set_headers.append((":path", self._upstream_path(new_path)))
         return reply
 
     # -- response headers --------------------------------------------------------------
@@ -315,8 +354,8 @@ class Exchange:
         if entry is None or provider is None:
             return
         usage, model_used, estimated = self._settle_usage(outcome)
-        prices = self._prices.table
-        model = model_used or (self._request.model if self._request else None)
+        prices = self._set.prices
+        model = model_used or self._model_routed or (self._request.model if self._request else None)
         record = UsageRecord(
             request_id=self.request_id,
             ts=self._ts,

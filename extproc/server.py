@@ -16,10 +16,10 @@ from grpc_health.v1._async import HealthServicer
 
 from extproc import db, tokens
 from extproc.crypto import load_keyring
-from extproc.exchange import Exchange, Limits, PriceBook
+from extproc.exchange import Exchange, Limits
 from extproc.keystore import KeyStore
 from extproc.keytable import KeyTable
-from extproc.pricing import load_price_table
+from extproc.policy.store import PolicyStore
 from extproc.servicer import ExternalProcessor
 from extproc.writer import UsageWriter
 
@@ -33,7 +33,7 @@ class ServeOptions:
     listen: str  # grpc address: "unix:/path.sock" or "127.0.0.1:50051"
     dsn: str
     home: Path
-    pricing: Path
+    policies: Path  # the policy directory: pricing.yaml and policy files
     spool: Path
     key_refresh_seconds: float = 2.0
     limits: Limits | None = None
@@ -43,7 +43,7 @@ class ServeOptions:
 async def serve(opts: ServeOptions) -> None:
     """Run until SIGTERM or SIGINT; then stop taking streams, finish open ones, flush usage."""
     keyring = load_keyring(opts.home)
-    prices = PriceBook(load_price_table(opts.pricing))
+    policies = PolicyStore(opts.policies)
     table = KeyTable()
     keystore = KeyStore(opts.dsn, keyring, table, opts.key_refresh_seconds)
     await keystore.refresh()
@@ -52,7 +52,7 @@ async def serve(opts: ServeOptions) -> None:
     limits = opts.limits or Limits()
 
     def new_exchange() -> Exchange:
-        return Exchange(table, prices, writer.enqueue, limits)
+        return Exchange(table, policies, writer.enqueue, limits)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange), server)
@@ -70,10 +70,16 @@ async def serve(opts: ServeOptions) -> None:
     tasks = [
         asyncio.create_task(writer.run()),
         asyncio.create_task(keystore.run()),
+        asyncio.create_task(policies.run()),
         asyncio.create_task(_partition_keeper(opts.dsn)),
     ]
     log.info(
-        "extproc.started", listen=opts.listen, keys=len(table), prices=prices.table.version, pid=os.getpid()
+        "extproc.started",
+        listen=opts.listen,
+        keys=len(table),
+        prices=policies.current.prices.version,
+        policies=len(policies.current.policies),
+        pid=os.getpid(),
     )
 
     stop = asyncio.Event()

@@ -7,9 +7,11 @@ from typing import Any
 
 from extproc.providers.base import (
     BadRequest,
+    Change,
     ParsedRequest,
     SSEAccountant,
     StreamAccountant,
+    clamp,
     collect_text,
     load_json_object,
     optional_int,
@@ -80,6 +82,26 @@ class Anthropic:
             return ""
         parts = [doc.get(k) for k in ("system", "messages", "tools")]
         return "\n".join(collect_text([p for p in parts if p is not None], _PROMPT_KEYS))
+
+    def transform(self, api: str, doc: dict[str, Any], path: str, change: Change) -> tuple[bool, str | None]:
+        """See Provider.transform."""
+        changed = False
+        if change.model and doc.get("model") != change.model:
+            doc["model"] = change.model
+            changed = True
+        if change.max_tokens is not None:
+            changed |= clamp(doc, "max_tokens", change.max_tokens)
+        if change.system_prompt:
+            prior = doc.get("system")
+            block = {"type": "text", "text": change.system_prompt}
+            if isinstance(prior, list):
+                doc["system"] = [block, *prior]
+            elif isinstance(prior, str) and prior:
+                doc["system"] = [block, {"type": "text", "text": prior}]
+            else:
+                doc["system"] = change.system_prompt
+            changed = True
+        return changed, None
 
     def error_body(self, status: int, message: str) -> bytes:
         """See Provider.error_body."""

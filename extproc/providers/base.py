@@ -31,6 +31,24 @@ class ParsedRequest:
     strip_usage: bool = False  # the proxy asked for usage the client did not: hide it again
 
 
+@dataclass(frozen=True)
+class Change:
+    """What policies want changed in a request, whatever the provider's wire format."""
+
+    model: str | None = None  # route to this model instead
+    max_tokens: int | None = None  # clamp the output ceiling (set it when the request has none)
+    system_prompt: str | None = None  # put first among the request's system instructions
+
+
+def clamp(doc: dict[str, Any], key: str, ceiling: int) -> bool:
+    """Lower doc[key] to `ceiling`, or set it when absent; True when the document changed."""
+    current = doc.get(key)
+    if isinstance(current, int) and not isinstance(current, bool) and current <= ceiling:
+        return False
+    doc[key] = ceiling
+    return True
+
+
 @dataclass
 class StreamResult:
     """What a finished (or abandoned) response stream yielded."""
@@ -74,6 +92,13 @@ class Provider(Protocol):
 
     def prompt_text(self, api: str, doc: Any) -> str:
         """The text of a request's input, for a fallback token count."""
+
+    def transform(self, api: str, doc: dict[str, Any], path: str, change: Change) -> tuple[bool, str | None]:
+        """Apply routing and transforms to a request document in place.
+
+        Returns whether the document changed and, when the model lives in the path (Gemini),
+        the new path.
+        """
 
     def error_body(self, status: int, message: str) -> bytes:
         """An error document in this provider's own format."""

@@ -7,9 +7,11 @@ from typing import Any
 
 from extproc.providers.base import (
     BadRequest,
+    Change,
     ParsedRequest,
     SSEAccountant,
     StreamAccountant,
+    clamp,
     collect_text,
     load_json_object,
 )
@@ -100,6 +102,33 @@ class Gemini:
             return ""
         parts = [doc.get(k) for k in ("systemInstruction", "system_instruction", "contents", "tools")]
         return "\n".join(collect_text([p for p in parts if p is not None], _PROMPT_KEYS))
+
+    def transform(self, api: str, doc: dict[str, Any], path: str, change: Change) -> tuple[bool, str | None]:
+        """See Provider.transform. The model is part of the path, not the body."""
+        changed = False
+        new_path = None
+        parts = split_model_path(path)
+        if change.model and parts and parts[0] != change.model:
+            prefix = path[: path.index("/models/") + len("/models/")]
+            new_path = f"{prefix}{change.model}:{parts[1]}"
+        if change.max_tokens is not None:
+            key = "generation_config" if "generation_config" in doc else "generationConfig"
+            config = doc.setdefault(key, {})
+            if isinstance(config, dict):
+                out_key = "max_output_tokens" if "max_output_tokens" in config else "maxOutputTokens"
+                changed |= clamp(config, out_key, change.max_tokens)
+        if change.system_prompt:
+            key = "system_instruction" if "system_instruction" in doc else "systemInstruction"
+            prior = doc.get(key)
+            prior_parts = prior.get("parts") if isinstance(prior, dict) else None
+            doc[key] = {
+                "parts": [
+                    {"text": change.system_prompt},
+                    *(prior_parts if isinstance(prior_parts, list) else []),
+                ]
+            }
+            changed = True
+        return changed, new_path
 
     def error_body(self, status: int, message: str) -> bytes:
         """See Provider.error_body."""

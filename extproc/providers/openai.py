@@ -7,9 +7,11 @@ from typing import Any
 
 from extproc.providers.base import (
     BadRequest,
+    Change,
     ParsedRequest,
     SSEAccountant,
     StreamAccountant,
+    clamp,
     collect_text,
     load_json_object,
     optional_int,
@@ -122,6 +124,35 @@ class OpenAI:
             return ""
         parts = [doc.get(k) for k in ("messages", "prompt", "input", "instructions", "tools")]
         return "\n".join(collect_text([p for p in parts if p is not None], _PROMPT_KEYS))
+
+    def transform(self, api: str, doc: dict[str, Any], path: str, change: Change) -> tuple[bool, str | None]:
+        """See Provider.transform."""
+        changed = False
+        if change.model and doc.get("model") != change.model:
+            doc["model"] = change.model
+            changed = True
+        if change.max_tokens is not None and api != EMBEDDINGS:
+            if api == RESPONSES:
+                changed |= clamp(doc, "max_output_tokens", change.max_tokens)
+            else:
+                # Clamp whichever field the client used; a request with neither gets the newer one
+                # (o-series models refuse max_tokens).
+                present = [k for k in ("max_completion_tokens", "max_tokens") if k in doc] or [
+                    "max_completion_tokens"
+                ]
+                for key in present:
+                    changed |= clamp(doc, key, change.max_tokens)
+        if change.system_prompt:
+            if api == RESPONSES:
+                prior = doc.get("instructions")
+                doc["instructions"] = change.system_prompt + (
+                    f"\n\n{prior}" if isinstance(prior, str) and prior else ""
+                )
+                changed = True
+            elif api == CHAT and isinstance(doc.get("messages"), list):
+                doc["messages"].insert(0, {"role": "system", "content": change.system_prompt})
+                changed = True
+        return changed, None
 
     def error_body(self, status: int, message: str) -> bytes:
         """See Provider.error_body."""

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from extproc import wrapped_keys
-from extproc.exchange import Exchange, Limits, PriceBook, parse_tags
+from extproc.exchange import Exchange, Limits, parse_tags
 from extproc.keytable import KeyEntry, KeyTable
+from extproc.policy.loader import PolicySet
+from extproc.policy.schema import Policy
 from extproc.pricing import load_price_table
 from extproc.upstreams import upstream_for
 from extproc.usage import Usage, UsageRecord
@@ -39,10 +41,14 @@ class World:
         )
         self.table.replace({wrapped_keys.digest(self.key): self.entry})
         self.records: list[UsageRecord] = []
-        self.prices = PriceBook(load_price_table(REPO / "policies" / "pricing.yaml"))
+        self.current = PolicySet(load_price_table(REPO / "policies" / "pricing.yaml"), ())
+
+    def with_policies(self, *docs: dict[str, object]) -> World:
+        self.current = PolicySet(self.current.prices, tuple(Policy.model_validate(d) for d in docs))
+        return self
 
     def exchange(self, limits: Limits | None = None) -> Exchange:
-        return Exchange(self.table, self.prices, self.records.append, limits or Limits())
+        return Exchange(self.table, self, self.records.append, limits or Limits())
 
 
 def headers(path: str, **extra: str) -> dict[str, str]:
@@ -151,7 +157,7 @@ def test_json_response_yields_one_exact_record(world: World) -> None:
         {"model": "fake-openai-model", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}},
     )
     assert rec.usage == Usage(input_tokens=1000, output_tokens=100) and not rec.estimated
-    assert str(rec.cost_usd) == "0.0035" and rec.price_version == world.prices.table.version
+    assert str(rec.cost_usd) == "0.0035" and rec.price_version == world.current.prices.version
     assert (rec.team, rec.project, rec.status, rec.outcome) == ("team", "proj", 200, "complete")
 
 
