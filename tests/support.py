@@ -114,7 +114,9 @@ class Stack:
         return self.proc.returncode
 
 
-def start_stack(dsn: str | None, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> Stack:
+def start_stack(
+    dsn: str | None, workdir: Path, *extra: str, env: dict[str, str] | None = None, policies: Path | None = None
+) -> Stack:
     """Start `spendgate up` the way a user does and wait for its banner."""
     home = workdir / "home"
     port, admin = free_port(), free_port()
@@ -135,7 +137,7 @@ def start_stack(dsn: str | None, workdir: Path, *extra: str, env: dict[str, str]
             "--admin-port",
             str(admin),
             "--policies",
-            str(REPO / "policies"),
+            str(policies or REPO / "policies"),
             *extra,
         ],
         env=full_env,
