@@ -118,7 +118,7 @@ class BudgetStore:
         return (row[0], row[1]) if row else (Decimal(0), Decimal(0))
 
     def settle(self, settlement: Settlement) -> None:
-        """Queue a settlement; returns at once (called from the request path)."""
+        """Queue the settlement of a request that holds a reservation; returns at once."""
         self._queue.append(settlement)
 
     async def run(self) -> None:

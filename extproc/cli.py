@@ -98,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             spool=args.spool or home / "spool.jsonl",
             key_refresh_seconds=args.key_refresh,
             limits=Limits(max_request_body_bytes=args.max_body_bytes),
+            redis_url=os.environ.get("REDIS_URL") or None,
         )
     )
     return 0

@@ -24,6 +24,7 @@ from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
 from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling, holds_for
 from extproc.policy.evaluate import Decision, Subject, decide
+from extproc.policy.limits import Throttle, charges_for, window
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
 from extproc.providers.base import (
@@ -160,7 +161,8 @@ class Exchange:
         self._tags: dict[str, str] = {}
         self._rewrite_error = False
         self._first_chunk_seen = False
-        self._admission: Admission | None = None  # held on the budgets until finalize settles it
+        self._admission: Admission | None = None  # granted or pending; finalize settles it
+        self._budget_held = False
         self._pending: Reply | None = None
         self.finished = False
 
@@ -236,30 +238,34 @@ class Exchange:
         if self._request.rewritten is not None:
             reply.body = self._request.rewritten
             reply.set_headers.append(("content-length", str(len(self._request.rewritten))))
-        if decision.budgets:
+        if decision.budgets or decision.rate_limits:
             return self._admission_for(self._request, decision, reply)
         return reply
 
     def _admission_for(self, req: ParsedRequest, decision: Decision, reply: Reply) -> Reply | Admission:
-        """The worst-case cost to reserve on every budget covering this key, before forwarding."""
+        """Rate-limit charges and the worst-case cost to reserve on every budget covering this key."""
         assert self._entry is not None and self._provider is not None
-        e = self._entry
-        holds = holds_for(decision.budgets, str(e.key_id), e.team, e.project, dt.datetime.now(dt.UTC))
-        if not holds:
+        e, now = self._entry, dt.datetime.now(dt.UTC)
+        holds = holds_for(decision.budgets, str(e.key_id), e.team, e.project, now)
+        if not holds and not decision.rate_limits:
             return reply
+        input_tokens = count_prompt(self._provider, self._api, req.body)
         ceilings = [m for m in (req.max_tokens, decision.max_tokens) if m is not None]
-        amount = ceiling(
-            self._set.prices,
-            decision.model,
-            count_prompt(self._provider, self._api, req.body),
-            min(ceilings) if ceilings else None,
-        )
-        if amount is None:
-            return self.reject(
-                403,
-                f"model '{decision.model}' has no price in the price table, so a budgeted key may not use it",
-            )
-        self._admission = Admission(self.request_id, holds, amount)
+        max_out = min(ceilings) if ceilings else None
+        price = self._set.prices.lookup(decision.model)
+        reserved_out = max_out if max_out is not None else (price.max_output_tokens if price else 0)
+        charges = charges_for(decision.rate_limits, str(e.key_id), e.team, input_tokens + reserved_out)
+        amount = Decimal(0)
+        if holds:
+            cost = ceiling(self._set.prices, decision.model, input_tokens, max_out)
+            if cost is None:
+                return self.reject(
+                    403,
+                    f"model '{decision.model}' has no price in the price table, so a budgeted key may not use it",
+                )
+            amount = cost
+        win, reset = window(now)
+        self._admission = Admission(self.request_id, holds, amount, charges, win, reset)
         self._pending = reply
         return self._admission
 
@@ -385,18 +391,24 @@ class Exchange:
         )
 
     # -- budgets -------------------------------------------------------------------------
+    def on_throttled(self, throttle: Throttle) -> Reply:
+        """A rate limit had no room: nothing was charged, nothing was reserved."""
+        self._admission = None
+        return self.reject(429, throttle.message(), headers=throttle.headers())
+
     def on_admitted(self, refusal: Refusal | None) -> Reply:
-        """The budget store's answer to this request's Admission."""
+        """The budget store's answer, once rate limits have been charged."""
         assert self._admission is not None and self._pending is not None
         if refusal is None:
+            self._budget_held = bool(self._admission.holds)
             return self._pending
-        amount, self._admission = self._admission.amount, None  # nothing was reserved
         retry = max(1, int((refusal.hold.period_end - dt.datetime.now(dt.UTC)).total_seconds()))
-        return self.reject(429, refusal.message(amount), headers=(("retry-after", str(retry)),))
+        return self.reject(
+            429, refusal.message(self._admission.amount), headers=(("retry-after", str(retry)),)
+        )
 
     def on_budget_unavailable(self) -> Reply:
         """Postgres could not be asked: a budgeted request is not let through unchecked."""
-        self._admission = None
         return self.reject(503, "budget store unavailable; the request was not forwarded. Retry shortly.")
 
     def finalize(self, outcome: str) -> None:
@@ -434,7 +446,11 @@ class Exchange:
         )
         self._emit(record)
         if self._admission is not None:
-            self._settle(Settlement(self._admission, record.cost_usd or Decimal(0)))
+            u = record.usage
+            tokens_used = u.input_tokens + u.output_tokens
+            self._settle(
+                Settlement(self._admission, record.cost_usd or Decimal(0), tokens_used, self._budget_held)
+            )
 
     def _settle_usage(self, outcome: str) -> tuple[Usage, str | None, bool]:
         """Provider-reported usage when there is some; a tiktoken estimate where it is missing."""

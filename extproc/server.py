@@ -15,12 +15,14 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extproc import db, tokens
+from extproc.admission import Gatekeeper
 from extproc.budget_store import BudgetStore
 from extproc.crypto import load_keyring
 from extproc.exchange import Exchange, Limits
 from extproc.keystore import KeyStore
 from extproc.keytable import KeyTable
 from extproc.policy.store import PolicyStore
+from extproc.ratelimit import Limiter, LocalLimiter, RedisLimiter
 from extproc.servicer import ExternalProcessor
 from extproc.writer import UsageWriter
 
@@ -37,6 +39,7 @@ class ServeOptions:
     policies: Path  # the policy directory: pricing.yaml and policy files
     spool: Path
     key_refresh_seconds: float = 2.0
+    redis_url: str | None = None  # rate-limit counters shared by replicas; in process without it
     limits: Limits | None = None
     grace_seconds: float = 5.0
 
@@ -52,13 +55,15 @@ async def serve(opts: ServeOptions) -> None:
     writer = UsageWriter(opts.dsn, opts.spool)
     budgets = BudgetStore(opts.dsn)
     await budgets.open()
+    limiter: Limiter = RedisLimiter(opts.redis_url) if opts.redis_url else LocalLimiter()
+    gatekeeper = Gatekeeper(budgets, limiter)
     limits = opts.limits or Limits()
 
     def new_exchange() -> Exchange:
-        return Exchange(table, policies, writer.enqueue, limits, budgets.settle)
+        return Exchange(table, policies, writer.enqueue, limits, gatekeeper.settle)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange, budgets), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange, gatekeeper), server)
     # Envoy health-checks each extproc process, so a restarting one is taken out of rotation
     # instead of answering its share of requests with 503s.
     health = HealthServicer()
@@ -99,6 +104,8 @@ async def serve(opts: ServeOptions) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     await writer.close()
     await budgets.close()
+    if isinstance(limiter, RedisLimiter):
+        await limiter.close()
     log.info("extproc.stopped", written=writer.written, spooled=writer.spooled())
 
 

@@ -10,8 +10,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc import envoy_messages as msg
-from extproc.budget_store import BudgetStore, BudgetUnavailable
-from extproc.exchange import Exchange, Reply
+from extproc.admission import Gatekeeper
+from extproc.exchange import Exchange
 from extproc.policy.budgets import Admission
 
 log = structlog.get_logger("spendgate.servicer")
@@ -20,9 +20,9 @@ log = structlog.get_logger("spendgate.servicer")
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """One gRPC stream per HTTP request; one Exchange per stream."""
 
-    def __init__(self, new_exchange: Callable[[], Exchange], budgets: BudgetStore | None = None) -> None:
+    def __init__(self, new_exchange: Callable[[], Exchange], gatekeeper: Gatekeeper) -> None:
         self._new_exchange = new_exchange
-        self._budgets = budgets
+        self._gatekeeper = gatekeeper
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -43,7 +43,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 elif phase == "request_body":
                     outcome = ex.on_request_body(req.request_body.body)
                     if isinstance(outcome, Admission):
-                        outcome = await self._admit(ex, outcome)
+                        outcome = await self._gatekeeper.admit(ex, outcome)
                     yield msg.request_body(outcome)
                 elif phase == "response_headers":
                     headers = req.response_headers
@@ -58,17 +58,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return
         finally:
             ex.abandon()
-
-    async def _admit(self, ex: Exchange, admission: Admission) -> Reply:
-        """The one await on the request path: reserving budget in Postgres."""
-        if self._budgets is None:
-            return ex.on_budget_unavailable()
-        try:
-            refusal = await self._budgets.reserve(admission)
-        except BudgetUnavailable as exc:
-            log.warning("budget.unavailable", request_id=ex.request_id, error=str(exc)[:200])
-            return ex.on_budget_unavailable()
-        return ex.on_admitted(refusal)
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

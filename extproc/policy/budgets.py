@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
 
+from extproc.policy.limits import Charge
 from extproc.policy.schema import Budget, Policy
 from extproc.pricing import PER_MILLION, PriceTable
 
@@ -27,19 +28,24 @@ class Hold:
 
 @dataclass(frozen=True)
 class Admission:
-    """What a request asks of the budget store before it may be forwarded."""
+    """What a request must be granted before it is forwarded: rate-limit charges, then budget."""
 
     request_id: str
-    holds: tuple[Hold, ...]
+    holds: tuple[Hold, ...]  # budget counters
     amount: Decimal  # the worst-case cost, reserved on every hold
+    charges: tuple[Charge, ...] = ()  # rate-limit counters
+    window: int = 0  # the rate-limit window the charges were taken in
+    reset_seconds: int = 0
 
 
 @dataclass(frozen=True)
 class Settlement:
-    """A finished request: release its reservation, add its real cost."""
+    """A finished request: release its reservation, add its real cost, correct its token charge."""
 
     admission: Admission
     cost: Decimal
+    tokens: int  # tokens really used (input + output), to correct tokens-per-minute charges
+    budget_held: bool  # False when the budget refused it: there is no reservation to release
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""The gatekeeper: the I/O of admission (rate limits, then budgets) and of settling afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from extproc.budget_store import BudgetStore, BudgetUnavailable
+from extproc.exchange import Exchange, Reply
+from extproc.policy.budgets import Admission, Settlement
+from extproc.ratelimit import Limiter
+
+log = structlog.get_logger("spendgate.admission")
+
+
+class Gatekeeper:
+    """Grants or refuses Admissions; settles them when requests end."""
+
+    def __init__(self, budgets: BudgetStore, limiter: Limiter) -> None:
+        self.budgets = budgets
+        self.limiter = limiter
+        self._corrections: set[asyncio.Task[None]] = set()
+
+    async def admit(self, ex: Exchange, adm: Admission) -> Reply:
+        """Charge rate limits (all or nothing), then reserve budget; answer the Exchange."""
+        if adm.charges:
+            try:
+                throttle = await self.limiter.take(adm.charges, adm.window, adm.reset_seconds)
+            except Exception as exc:  # Redis down or slow: a limit that can't be checked is not enforced
+                log.warning("ratelimit.unavailable", request_id=ex.request_id, error=type(exc).__name__)
+                throttle = None
+            if throttle is not None:
+                return ex.on_throttled(throttle)
+        if not adm.holds:
+            return ex.on_admitted(None)
+        try:
+            refusal = await self.budgets.reserve(adm)
+        except BudgetUnavailable as exc:
+            log.warning("budget.unavailable", request_id=ex.request_id, error=str(exc)[:200])
+            return ex.on_budget_unavailable()
+        return ex.on_admitted(refusal)
+
+    def settle(self, s: Settlement) -> None:
+        """Called from the request path when a granted request ends; returns at once."""
+        if s.budget_held:
+            self.budgets.settle(s)
+        charged = next((c.amount for c in s.admission.charges if c.kind == "tokens"), None)
+        if charged is not None and s.tokens != charged:
+            task = asyncio.get_running_loop().create_task(self._correct(s))
+            self._corrections.add(task)
+            task.add_done_callback(self._corrections.discard)
+
+    async def _correct(self, s: Settlement) -> None:
+        for c in s.admission.charges:
+            if c.kind == "tokens":
+                try:
+                    await self.limiter.correct(c.counter, s.admission.window, s.tokens - c.amount)
+                except Exception as exc:  # a lost correction only errs for the rest of one minute
+                    log.warning("ratelimit.correction_failed", error=type(exc).__name__)

