@@ -3,7 +3,9 @@
 All three targets proxy to the same in-memory upstream (bench/upstream.py):
 - envoy: Envoy with no filter;
 - floor: Envoy with a do-nothing ext_proc server answering the same phases (bench/noop_filter.py);
-- spendgate: `spendgate up`, every feature on, a usage record per request.
+- spendgate: `spendgate up`, a usage record per request, with a key no policy binds;
+- policies: the same stack with a key bound by a policy with every kind of rule (model rules,
+  aliases, transforms, a budget reserved in Postgres per request, rate limits).
 For JSON and SSE answers at concurrency 1 and 32 it prints requests per second, the latency
 each filtered target adds over plain Envoy (p50, p99) and its throughput ratio, and checks that
 every Spendgate request left a usage record.
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,21 @@ BODY = json.dumps(
     {"model": upstream.MODEL, "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
 )
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True})
+POLICY_TEAM = "bench-governed"
+# Every kind of rule on the request path: a model rule, an alias table, transforms, a budget
+# reserved in Postgres per request, and rate limits; set high enough never to refuse.
+BENCH_POLICY = f"""
+policies:
+  - name: bench
+    applies_to: {{team: {POLICY_TEAM}}}
+    models: {{allow: ["fake-*"], deny: ["*-preview"]}}
+    aliases: {{fast: {upstream.MODEL}}}
+    transforms: {{max_tokens: 256, tags: {{bench: "yes"}}}}
+    budgets:
+      - {{period: day, limit_usd: "1000000", per: key}}
+    rate_limits:
+      - {{per: key, requests_per_minute: 100000000, tokens_per_minute: 1000000000}}
+"""
 ENVOY_CONCURRENCY = os.environ.get("BENCH_ENVOY_CONCURRENCY", "1")
 
 
@@ -145,59 +163,80 @@ def main() -> None:
             envoy(upstream.plain_proxy(base_port, free_port(), up_port), work, "baseline"),
             floor(work, up_port) as floor_port,
         ):
-            stack = start_stack(dsn, work, "--workers", str(args.workers))
+            stack = start_stack(dsn, work, "--workers", str(args.workers), policies=bench_policies(work))
             try:
-                key = issue_key(stack, "openai", f"http://127.0.0.1:{up_port}")
-                headers = {"content-type": "application/json", "authorization": f"Bearer {key.key}"}
-                targets = {"envoy": base_port, "floor": floor_port, "spendgate": stack.port}
+                plain = issue_key(stack, "openai", f"http://127.0.0.1:{up_port}")
+                governed = issue_key(stack, "openai", f"http://127.0.0.1:{up_port}", team=POLICY_TEAM)
+                targets = {
+                    "envoy": (base_port, plain.key),
+                    "floor": (floor_port, plain.key),
+                    "spendgate": (stack.port, plain.key),
+                    "policies": (stack.port, governed.key),
+                }
                 for mode, body, extra in (
                     ("json", BODY, {}),
                     ("stream", STREAM_BODY, {upstream.STREAM_HEADER: "1"}),
                 ):
-                    lua = wrk.script(work / f"{mode}.lua", body, {**headers, **extra})
                     for conns in (1, 32):
                         row: dict[str, Any] = {"mode": mode, "connections": conns}
-                        for name, port in targets.items():
+                        for name, (port, key) in targets.items():
+                            headers = {
+                                "content-type": "application/json",
+                                "authorization": f"Bearer {key}",
+                                **extra,
+                            }
+                            lua = wrk.script(work / f"{name}-{mode}.lua", body, headers)
                             url = f"http://127.0.0.1:{port}/v1/chat/completions"
                             wrk.run(url, lua, conns, 2)  # warm-up
                             row[name] = wrk.run(url, lua, conns, args.seconds).__dict__
                         measured += row["spendgate"]["requests"]
                         results.append(row)
                         print(_progress(row), flush=True)
-                written = records_of(stack, key.key_id, measured)
+                written = records_of(stack, plain.key_id, measured)
             finally:
                 stack.stop()
     print()
     print(_table(results))
     print(
-        f"\nusage records for the Spendgate key: {written} (measured requests: {measured}; warm-ups are "
+        f"\nusage records for the plain Spendgate key: {written} (measured requests: {measured}; warm-ups are "
         "recorded too)"
     )
     if args.json:
         print(json.dumps(results, indent=2))
 
 
+def bench_policies(work: Path) -> Path:
+    """The shipped prices plus a policy with every kind of rule, none of which ever refuses."""
+    d = work / "policies"
+    d.mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "policies" / "pricing.yaml", d / "pricing.yaml")
+    (d / "bench.yaml").write_text(BENCH_POLICY)
+    return d
+
+
 def _progress(row: dict[str, Any]) -> str:
     parts = [f"{row['mode']:6} c={row['connections']:<3}"]
     parts += [
         f"{name} {row[name]['rps']:7.0f} rps p50 {row[name]['p50_ms']:6.2f} ms errors {row[name]['errors']}"
-        for name in ("envoy", "floor", "spendgate")
+        for name in ("envoy", "floor", "spendgate", "policies")
     ]
     return " | ".join(parts)
 
 
 def _table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'mode':6} {'conns':>5} {'envoy rps':>9} {'floor rps':>9} {'spendgate rps':>13} "
-        f"{'sg/envoy':>8} {'sg/floor':>8} {'added p50 ms':>12} {'added p99 ms':>12} {'floor +p50':>10}"
+        f"{'mode':6} {'conns':>5} {'envoy rps':>9} {'floor rps':>9} {'sg rps':>7} {'sg+pol rps':>10} "
+        f"{'sg/envoy':>8} {'sg/floor':>8} {'pol/sg':>6} {'sg +p50 ms':>10} {'sg +p99 ms':>10} {'pol +p50 ms':>11} "
+        f"{'floor +p50':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        e, f, s = r["envoy"], r["floor"], r["spendgate"]
+        e, f, s, p = r["envoy"], r["floor"], r["spendgate"], r["policies"]
         lines.append(
-            f"{r['mode']:6} {r['connections']:>5} {e['rps']:>9.0f} {f['rps']:>9.0f} {s['rps']:>13.0f} "
-            f"{s['rps'] / e['rps']:>8.2f} {s['rps'] / f['rps']:>8.2f} {s['p50_ms'] - e['p50_ms']:>12.2f} "
-            f"{s['p99_ms'] - e['p99_ms']:>12.2f} {f['p50_ms'] - e['p50_ms']:>10.2f}"
+            f"{r['mode']:6} {r['connections']:>5} {e['rps']:>9.0f} {f['rps']:>9.0f} {s['rps']:>7.0f} {p['rps']:>10.0f} "
+            f"{s['rps'] / e['rps']:>8.2f} {s['rps'] / f['rps']:>8.2f} {p['rps'] / s['rps']:>6.2f} "
+            f"{s['p50_ms'] - e['p50_ms']:>10.2f} {s['p99_ms'] - e['p99_ms']:>10.2f} {p['p50_ms'] - e['p50_ms']:>11.2f} "
+            f"{f['p50_ms'] - e['p50_ms']:>10.2f}"
         )
     return "\n".join(lines)
 
