@@ -21,6 +21,7 @@ class Gatekeeper:
         self.budgets = budgets
         self.limiter = limiter
         self._corrections: set[asyncio.Task[None]] = set()
+        self.throttles = 0
 
     async def admit(self, ex: Exchange, adm: Admission) -> Reply:
         """Charge rate limits (all or nothing), then reserve budget; answer the Exchange."""
@@ -31,6 +32,7 @@ class Gatekeeper:
                 log.warning("ratelimit.unavailable", request_id=ex.request_id, error=type(exc).__name__)
                 throttle = None
             if throttle is not None:
+                self.throttles += 1
                 return ex.on_throttled(throttle)
         if not adm.holds:
             return ex.on_admitted(None)

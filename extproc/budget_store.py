@@ -65,6 +65,7 @@ class BudgetStore:
         self._interval = interval
         self.reservations = 0  # counters for metrics and tests
         self.refusals = 0
+        self.threshold_crossings = 0
 
     async def open(self) -> None:
         """Open the connection pool (without waiting for Postgres to be reachable)."""
@@ -161,9 +162,9 @@ class BudgetStore:
         for _ in batch:
             self._queue.popleft()
 
-    @staticmethod
-    def _announce(hold: Any, before: Decimal, after: Decimal, limit: Decimal) -> None:
+    def _announce(self, hold: Any, before: Decimal, after: Decimal, limit: Decimal) -> None:
         for t in crossed(hold.thresholds, limit, before, after):
+            self.threshold_crossings += 1
             log.warning(
                 "budget.threshold_crossed",
                 budget=hold.budget_key,

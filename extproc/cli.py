@@ -28,6 +28,11 @@ def _duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
 def _home() -> Path:
     return Path(os.environ.get("SPENDGATE_HOME") or Path.home() / ".spendgate")
 
@@ -67,6 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             workers=args.workers,
             envoy_concurrency=args.envoy_concurrency,
             tls_port=args.tls_port,
+            metrics_port=args.metrics_port,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )
@@ -99,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             key_refresh_seconds=args.key_refresh,
             limits=Limits(max_request_body_bytes=args.max_body_bytes),
             redis_url=os.environ.get("REDIS_URL") or None,
+            metrics=_host_port(args.metrics_listen) if args.metrics_listen else None,
         )
     )
     return 0
@@ -248,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="extproc processes (default: cores/2)",
     )
     up.add_argument("--envoy-concurrency", type=int, default=1)
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="Prometheus endpoint of worker i on this port + i (0: none)",
+    )
     up.add_argument("--tls-port", type=int)
     up.add_argument("--tls-cert")
     up.add_argument("--tls-key")
@@ -261,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-refresh", type=float, default=float(os.environ.get("SPENDGATE_KEY_REFRESH", "2"))
     )
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    serve.add_argument("--metrics-listen", help="host:port of a Prometheus endpoint (default: none)")
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)

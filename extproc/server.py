@@ -21,9 +21,12 @@ from extproc.crypto import load_keyring
 from extproc.exchange import Exchange, Limits
 from extproc.keystore import KeyStore
 from extproc.keytable import KeyTable
+from extproc.metrics import Metrics, Sample
+from extproc.metrics import serve as serve_metrics
 from extproc.policy.store import PolicyStore
 from extproc.ratelimit import Limiter, LocalLimiter, RedisLimiter
 from extproc.servicer import ExternalProcessor
+from extproc.usage import UsageRecord
 from extproc.writer import UsageWriter
 
 log = structlog.get_logger("spendgate.server")
@@ -40,6 +43,7 @@ class ServeOptions:
     spool: Path
     key_refresh_seconds: float = 2.0
     redis_url: str | None = None  # rate-limit counters shared by replicas; in process without it
+    metrics: tuple[str, int] | None = None  # host and port of the Prometheus endpoint
     limits: Limits | None = None
     grace_seconds: float = 5.0
 
@@ -59,11 +63,20 @@ async def serve(opts: ServeOptions) -> None:
     gatekeeper = Gatekeeper(budgets, limiter)
     limits = opts.limits or Limits()
 
+    metrics = Metrics()
+    metrics.collect(lambda: _gauges(table, policies, writer, budgets, gatekeeper))
+
+    def emit(record: UsageRecord) -> None:
+        metrics.inc("spendgate_requests_total", outcome=record.outcome, status=str(record.status))
+        writer.enqueue(record)
+
     def new_exchange() -> Exchange:
-        return Exchange(table, policies, writer.enqueue, limits, gatekeeper.settle)
+        return Exchange(table, policies, emit, limits, gatekeeper.settle)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_exchange, gatekeeper), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(new_exchange, gatekeeper, metrics), server
+    )
     # Envoy health-checks each extproc process, so a restarting one is taken out of rotation
     # instead of answering its share of requests with 503s.
     health = HealthServicer()
@@ -75,6 +88,7 @@ async def serve(opts: ServeOptions) -> None:
     else:
         server.add_insecure_port(opts.listen)
     await server.start()
+    metrics_server = await serve_metrics(metrics, *opts.metrics) if opts.metrics else None
     tasks = [
         asyncio.create_task(writer.run()),
         asyncio.create_task(keystore.run()),
@@ -99,6 +113,8 @@ async def serve(opts: ServeOptions) -> None:
     log.info("extproc.stopping")
     await health.enter_graceful_shutdown()
     await server.stop(opts.grace_seconds)
+    if metrics_server is not None:
+        metrics_server.close()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -107,6 +123,23 @@ async def serve(opts: ServeOptions) -> None:
     if isinstance(limiter, RedisLimiter):
         await limiter.close()
     log.info("extproc.stopped", written=writer.written, spooled=writer.spooled())
+
+
+def _gauges(
+    table: KeyTable, policies: PolicyStore, writer: UsageWriter, budgets: BudgetStore, gate: Gatekeeper
+) -> list[Sample]:
+    """Figures read from the components at scrape time."""
+    return [
+        ("spendgate_keys_loaded", "gauge", {}, len(table)),
+        ("spendgate_policy_reload_failures_total", "counter", {}, policies.reload_failures),
+        ("spendgate_policy_last_reload_ok", "gauge", {}, 0 if policies.last_error else 1),
+        ("spendgate_usage_records_written_total", "counter", {}, writer.written),
+        ("spendgate_usage_records_pending", "gauge", {}, writer.pending),
+        ("spendgate_budget_reservations_total", "counter", {}, budgets.reservations),
+        ("spendgate_budget_refusals_total", "counter", {}, budgets.refusals),
+        ("spendgate_budget_threshold_crossings_total", "counter", {}, budgets.threshold_crossings),
+        ("spendgate_ratelimit_throttles_total", "counter", {}, gate.throttles),
+    ]
 
 
 async def _partition_keeper(dsn: str) -> None:

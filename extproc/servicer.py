@@ -12,6 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc import envoy_messages as msg
 from extproc.admission import Gatekeeper
 from extproc.exchange import Exchange
+from extproc.metrics import Metrics
 from extproc.policy.budgets import Admission
 
 log = structlog.get_logger("spendgate.servicer")
@@ -20,9 +21,12 @@ log = structlog.get_logger("spendgate.servicer")
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """One gRPC stream per HTTP request; one Exchange per stream."""
 
-    def __init__(self, new_exchange: Callable[[], Exchange], gatekeeper: Gatekeeper) -> None:
+    def __init__(
+        self, new_exchange: Callable[[], Exchange], gatekeeper: Gatekeeper, metrics: Metrics
+    ) -> None:
         self._new_exchange = new_exchange
         self._gatekeeper = gatekeeper
+        self._metrics = metrics
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -37,9 +41,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     yield msg.response_body(ex.on_response_body(body.body, body.end_of_stream))
                 elif phase == "request_headers":
                     headers = req.request_headers
-                    yield msg.request_headers(
-                        ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
-                    )
+                    reply = ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
+                    if reply.immediate_status == 401:  # refused before any record exists
+                        self._metrics.inc("spendgate_unauthenticated_total")
+                    yield msg.request_headers(reply)
                 elif phase == "request_body":
                     outcome = ex.on_request_body(req.request_body.body)
                     if isinstance(outcome, Admission):

@@ -38,6 +38,7 @@ class StackOptions:
     admin_port: int = 9901
     workers: int = 1
     envoy_concurrency: int = 1
+    metrics_port: int = 0  # worker i serves Prometheus metrics on this port + i; 0 turns them off
     tls_port: int | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -128,6 +129,8 @@ class Stack:
                 "--spool",
                 str(self.opts.home / f"spool-{i}.jsonl"),
             ]
+            if self.opts.metrics_port:
+                cmd += ["--metrics-listen", f"127.0.0.1:{self.opts.metrics_port + i}"]
             self._spawn(f"extproc-{i}", cmd, env)
             endpoints.append((sock, envoy_config.Endpoint(f"unix:{sock}")))
         for sock, _ in endpoints:

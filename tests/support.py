@@ -76,6 +76,14 @@ class Stack:
     log_path: Path
     dsn: str
     secrets: list[str] = field(default_factory=list)  # every secret a test used: never in logs
+    metrics_port: int = 0
+
+    def metrics(self) -> str:
+        """The first worker's Prometheus metrics."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
 
     @property
     def url(self) -> str:
@@ -115,11 +123,15 @@ class Stack:
 
 
 def start_stack(
-    dsn: str | None, workdir: Path, *extra: str, env: dict[str, str] | None = None, policies: Path | None = None
+    dsn: str | None,
+    workdir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    policies: Path | None = None,
 ) -> Stack:
     """Start `spendgate up` the way a user does and wait for its banner."""
     home = workdir / "home"
-    port, admin = free_port(), free_port()
+    port, admin, metrics = free_port(), free_port(), free_port()
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SPENDGATE_MASTER_KEY")}
     full_env.update({"SPENDGATE_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})})
     if dsn:
@@ -138,6 +150,8 @@ def start_stack(
             str(admin),
             "--policies",
             str(policies or REPO / "policies"),
+            "--metrics-port",
+            str(metrics),
             *extra,
         ],
         env=full_env,
@@ -154,7 +168,7 @@ def start_stack(
     if not dsn:
         dsn = (home / "database_url").read_text().strip()
         full_env["DATABASE_URL"] = dsn
-    return Stack(proc, home, full_env, port, admin, log_path, dsn)
+    return Stack(proc, home, full_env, port, admin, log_path, dsn, metrics_port=metrics)
 
 
 @dataclass

@@ -144,5 +144,8 @@ def test_policy_edit_takes_effect_without_restart_and_a_broken_edit_is_refused(
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
         assert "policy.reload_refused" in pstack.logs()
+        metrics = pstack.metrics()
+        assert "spendgate_policy_last_reload_ok 0" in metrics
+        assert "spendgate_policy_reload_failures_total 0" not in metrics
     finally:
         (policy_dir / "team.yaml").write_text(original)

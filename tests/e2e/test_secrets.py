@@ -47,7 +47,12 @@ def test_logs_and_error_bodies_contain_no_key_material(stack: Stack, fake: FakeP
     )
     time.sleep(0.5)  # let the workers' log lines land
     assert '"request.rejected"' in stack.logs()  # the workers' log lines are really in the capture
-    haystacks = {"logs": stack.logs(), "error bodies": "\n".join(bodies), "listings": listings}
+    haystacks = {
+        "metrics": stack.metrics(),
+        "logs": stack.logs(),
+        "error bodies": "\n".join(bodies),
+        "listings": listings,
+    }
     for secret in stack.secrets:
         for where, text in haystacks.items():
             assert secret not in text, f"a secret ({secret[:6]}…) appears in the {where}"
