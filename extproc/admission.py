@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from extproc.budget_store import BudgetStore, BudgetUnavailable
@@ -20,7 +18,6 @@ class Gatekeeper:
     def __init__(self, budgets: BudgetStore, limiter: Limiter) -> None:
         self.budgets = budgets
         self.limiter = limiter
-        self._corrections: set[asyncio.Task[None]] = set()
         self.throttles = 0
 
     async def admit(self, ex: Exchange, adm: Admission) -> Reply:
@@ -47,16 +44,6 @@ class Gatekeeper:
         """Called from the request path when a granted request ends; returns at once."""
         if s.budget_held:
             self.budgets.settle(s)
-        charged = next((c.amount for c in s.admission.charges if c.kind == "tokens"), None)
-        if charged is not None and s.tokens != charged:
-            task = asyncio.get_running_loop().create_task(self._correct(s))
-            self._corrections.add(task)
-            task.add_done_callback(self._corrections.discard)
-
-    async def _correct(self, s: Settlement) -> None:
         for c in s.admission.charges:
-            if c.kind == "tokens":
-                try:
-                    await self.limiter.correct(c.counter, s.admission.window, s.tokens - c.amount)
-                except Exception as exc:  # a lost correction only errs for the rest of one minute
-                    log.warning("ratelimit.correction_failed", error=type(exc).__name__)
+            if c.kind == "tokens" and s.tokens != c.amount:
+                self.limiter.correct(c.counter, s.admission.window, s.tokens - c.amount)

@@ -1,9 +1,11 @@
-"""Budget counters in Postgres: reservations before forwarding, settlement after, sweeping.
+"""Budget counters in Postgres, leased to each replica in slices.
 
-Reservations are one conditional UPDATE per counter, all in one transaction taken in a fixed
-order, so concurrent requests on any number of replicas can never sum past a cap. Settlement
-is batched off the request path; a replica that dies leaves reservations that any replica
-releases once they expire.
+A replica takes a slice of a counter's remaining budget (a lease) with one locked UPDATE and
+admits requests against it in memory; the slices of all replicas are reserved on the counter,
+so together they can never pass the cap. When little budget is left, a slice is exactly one
+request's worst case, so admission becomes a per-request reservation and nothing is stranded.
+Spending is settled in batches; idle slices are handed back; slices of a replica that died
+expire and any replica releases them.
 """
 
 from __future__ import annotations
@@ -11,19 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import time
+import uuid
 from collections import defaultdict, deque
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from extproc.policy.budgets import Admission, Refusal, Settlement, crossed
+from extproc.policy.budgets import Admission, Hold, Refusal, Settlement, crossed
 
 log = structlog.get_logger("spendgate.budgets")
 
-RESERVATION_TTL = dt.timedelta(minutes=15)  # longer than any request: route timeout is 600 s
+LEASE_TTL = dt.timedelta(minutes=15)
+_TRUST = LEASE_TTL.total_seconds() / 2  # a slice not renewed for this long is not used
+_IDLE_RETURN = 2.0  # seconds a slice may sit unused before it is handed back
+_PER_REQUEST_BELOW = 20  # remaining budget, in worst-case requests, under which slices are one request
+_SLICE_REQUESTS = 50  # otherwise a slice is this many requests' worst case, at most a tenth of what is left
 
 _ENSURE = """
 INSERT INTO budget_counters (budget_key, policy, scope, period, period_start, period_end, limit_usd)
@@ -31,13 +39,18 @@ VALUES (%s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (budget_key) DO UPDATE SET limit_usd = EXCLUDED.limit_usd
   WHERE budget_counters.limit_usd <> EXCLUDED.limit_usd
 """
-_RESERVE = """
-UPDATE budget_counters SET reserved_usd = reserved_usd + %(amount)s, updated_at = now()
-WHERE budget_key = %(key)s AND (%(shadow)s OR spent_usd + reserved_usd + %(amount)s <= limit_usd)
-RETURNING spent_usd, reserved_usd, limit_usd
+_LOCK = "SELECT spent_usd, reserved_usd, limit_usd FROM budget_counters WHERE budget_key = %s FOR UPDATE"
+_GRANT_ROW = """
+INSERT INTO budget_reservations (request_id, budget_key, amount, expires_at) VALUES (%s, %s, %s, %s)
+ON CONFLICT (request_id, budget_key)
+  DO UPDATE SET amount = budget_reservations.amount + EXCLUDED.amount, expires_at = EXCLUDED.expires_at
 """
-_RELEASE = """
-WITH gone AS (DELETE FROM budget_reservations WHERE {where} RETURNING budget_key, amount),
+_SHRINK_ROW = """
+UPDATE budget_reservations SET amount = amount - %s, expires_at = %s
+WHERE request_id = %s AND budget_key = %s RETURNING amount
+"""
+_RELEASE_EXPIRED = """
+WITH gone AS (DELETE FROM budget_reservations WHERE expires_at < now() RETURNING budget_key, amount),
      per_key AS (SELECT budget_key, sum(amount) AS amount FROM gone GROUP BY budget_key)
 UPDATE budget_counters c SET reserved_usd = greatest(c.reserved_usd - per_key.amount, 0), updated_at = now()
 FROM per_key WHERE c.budget_key = per_key.budget_key
@@ -49,19 +62,31 @@ class BudgetUnavailable(Exception):
     """Postgres could not be asked; a budgeted request is refused rather than let through unchecked."""
 
 
+@dataclass
+class _Slice:
+    """This replica's lease on one counter."""
+
+    hold: Hold
+    available: Decimal = Decimal(0)  # leased and not promised to any request
+    renewed: float = 0.0  # monotonic time Postgres last confirmed the lease
+    used: float = 0.0  # monotonic time a request last drew on it
+    # Nearly exhausted: what a request did not spend goes straight back to the counter, where
+    # every replica can use it, instead of waiting in this replica's slice.
+    per_request: bool = False
+
+
 class BudgetStore:
-    """Reserve, settle, sweep."""
+    """Admit against leases, settle spending, hand back and sweep leases."""
 
     def __init__(self, dsn: str, *, max_connections: int = 8, interval: float = 0.1) -> None:
         self._pool = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            kwargs={"autocommit": True},
-            timeout=2.0,
+            dsn, min_size=1, max_size=max_connections, open=False, kwargs={"autocommit": True}, timeout=1.0
         )
+        self._lease_id = f"lease:{uuid.uuid4()}"
+        self._slices: dict[str, _Slice] = {}
+        self._refill = asyncio.Lock()
         self._queue: deque[Settlement] = deque()
+        self._refunds: dict[str, Decimal] = defaultdict(Decimal)  # unspent promises to release at flush
         self._interval = interval
         self.reservations = 0  # counters for metrics and tests
         self.refusals = 0
@@ -72,58 +97,102 @@ class BudgetStore:
         await self._pool.open(wait=False)
 
     async def close(self) -> None:
-        """Settle what is queued, then close."""
+        """Settle what is queued, hand every lease back, close."""
         await self.flush()
+        await self._hand_back(list(self._slices))
         await self._pool.close()
 
+    # -- admission -------------------------------------------------------------------------
+    def _take_local(self, adm: Admission) -> bool:
+        now = time.monotonic()
+        slices = [self._slices.get(h.budget_key) for h in adm.holds]
+        if any(s is None or now - s.renewed > _TRUST or s.available < adm.amount for s in slices):
+            return False
+        for s in slices:
+            assert s is not None
+            s.available -= adm.amount
+            s.used = now
+        return True
+
     async def reserve(self, adm: Admission) -> Refusal | None:
-        """Reserve `adm.amount` on every hold, all or nothing; a Refusal names the full budget."""
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                for h in adm.holds:
-                    await conn.execute(
-                        _ENSURE,
-                        (h.budget_key, h.policy, h.scope, h.period, h.period_start, h.period_end, h.limit),
-                    )
-                for h in adm.holds:
-                    cur = await conn.execute(
-                        _RESERVE, {"amount": adm.amount, "key": h.budget_key, "shadow": h.shadow}
-                    )
-                    row = await cur.fetchone()
-                    if row is None:
-                        spent, reserved = await self._usage_of(conn, h.budget_key)
-                        raise _Refused(Refusal(h, spent, reserved))
-                    if h.shadow and row[0] + row[1] > row[2]:
-                        log.info("budget.shadow_rejection", request_id=adm.request_id, budget=h.budget_key)
-                expires = dt.datetime.now(dt.UTC) + RESERVATION_TTL
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO budget_reservations (request_id, budget_key, amount, expires_at)"
-                        " VALUES (%s, %s, %s, %s)",
-                        [(adm.request_id, h.budget_key, adm.amount, expires) for h in adm.holds],
-                    )
-        except _Refused as refused:
-            self.refusals += 1
-            return refused.refusal
-        except (psycopg.Error, OSError, TimeoutError) as exc:
-            raise BudgetUnavailable(str(exc)) from exc
+        """Promise `adm.amount` on every hold, all or nothing; a Refusal names the full budget."""
+        if self._take_local(adm):
+            self.reservations += 1
+            return None
+        async with self._refill:
+            if self._take_local(adm):  # another request refilled while this one waited
+                self.reservations += 1
+                return None
+            try:
+                await self._lease(adm)
+            except _Refused as refused:
+                self.refusals += 1
+                return refused.refusal
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                raise BudgetUnavailable(str(exc)) from exc
+        taken = self._take_local(adm)
+        assert taken, "a fresh lease covers the request it was taken for"
         self.reservations += 1
         return None
 
-    @staticmethod
-    async def _usage_of(conn: psycopg.AsyncConnection[Any], key: str) -> tuple[Decimal, Decimal]:
-        cur = await conn.execute(
-            "SELECT spent_usd, reserved_usd FROM budget_counters WHERE budget_key = %s", (key,)
-        )
-        row = await cur.fetchone()
-        return (row[0], row[1]) if row else (Decimal(0), Decimal(0))
+    async def _lease(self, adm: Admission) -> None:
+        """Top up every short slice in one transaction, in the holds' fixed (lock) order."""
+        grants: dict[str, Decimal] = {}
+        per_request: dict[str, bool] = {}
+        expires = dt.datetime.now(dt.UTC) + LEASE_TTL
+        async with self._pool.connection() as conn, conn.transaction():
+            for h in adm.holds:
+                await conn.execute(
+                    _ENSURE,
+                    (h.budget_key, h.policy, h.scope, h.period, h.period_start, h.period_end, h.limit),
+                )
+            for h in adm.holds:
+                local = self._slices.get(h.budget_key)
+                have = local.available if local and time.monotonic() - local.renewed <= _TRUST else Decimal(0)
+                need = max(adm.amount - have, Decimal(0))
+                row = await (await conn.execute(_LOCK, (h.budget_key,))).fetchone()
+                assert row is not None
+                spent, reserved, limit = row
+                remaining = limit - spent - reserved
+                if need > remaining and not h.shadow:
+                    raise _Refused(Refusal(h, spent, reserved))  # the transaction rolls back
+                if h.shadow and need > remaining:
+                    log.info("budget.shadow_rejection", request_id=adm.request_id, budget=h.budget_key)
+                grant = need
+                per_request[h.budget_key] = remaining < adm.amount * _PER_REQUEST_BELOW
+                if not per_request[h.budget_key]:
+                    grant = max(need, min(remaining / 10, adm.amount * _SLICE_REQUESTS))
+                if grant > 0:
+                    await conn.execute(
+                        "UPDATE budget_counters SET reserved_usd = reserved_usd + %s, updated_at = now()"
+                        " WHERE budget_key = %s",
+                        (grant, h.budget_key),
+                    )
+                    await conn.execute(_GRANT_ROW, (self._lease_id, h.budget_key, grant, expires))
+                grants[h.budget_key] = grant
+        now = time.monotonic()
+        for h in adm.holds:
+            s = self._slices.setdefault(h.budget_key, _Slice(h))
+            if now - s.renewed > _TRUST:
+                s.available = Decimal(0)  # the sweeper may have released it: start afresh
+            s.available += grants[h.budget_key]
+            s.per_request = per_request[h.budget_key]
+            s.renewed = now
 
+    # -- settlement ------------------------------------------------------------------------
     def settle(self, settlement: Settlement) -> None:
-        """Queue the settlement of a request that holds a reservation; returns at once."""
+        """A request that held a promise ended: free what it did not spend, queue what it did."""
+        adm = settlement.admission
+        for h in adm.holds:
+            s = self._slices.get(h.budget_key)
+            if s is not None and not s.per_request:
+                s.available += adm.amount - settlement.cost
+            else:
+                self._refunds[h.budget_key] += adm.amount - settlement.cost
         self._queue.append(settlement)
 
     async def run(self) -> None:
-        """Settle queued requests, and release expired reservations now and then."""
+        """Settle queued spending, hand back idle slices, release expired leases now and then."""
         ticks = 0
         while True:
             await asyncio.sleep(self._interval)
@@ -133,54 +202,92 @@ class BudgetStore:
                 await self.sweep()
 
     async def flush(self) -> None:
-        """Apply every queued settlement in one transaction; on failure keep them for the next try."""
+        """Move settled spending from this replica's leases to `spent`, renew the leases."""
+        idle = [
+            k for k, s in self._slices.items() if s.available > 0 and time.monotonic() - s.used > _IDLE_RETURN
+        ]
+        if idle:
+            await self._hand_back(idle)
         if not self._queue:
             return
         batch = list(self._queue)
+        refunds, self._refunds = self._refunds, defaultdict(Decimal)
         spent: dict[str, Decimal] = defaultdict(Decimal)
-        thresholds = {}
-        for s in batch:
-            for h in s.admission.holds:
-                spent[h.budget_key] += s.cost
-                thresholds[h.budget_key] = h
+        holds: dict[str, Hold] = {}
+        for st in batch:
+            for h in st.admission.holds:
+                spent[h.budget_key] += st.cost
+                holds[h.budget_key] = h
+        expires = dt.datetime.now(dt.UTC) + LEASE_TTL
         try:
             async with self._pool.connection() as conn, conn.transaction():
-                ids = [s.admission.request_id for s in batch]
-                await conn.execute(_RELEASE.format(where="request_id = ANY(%s)"), (ids,))
                 for key in sorted(spent):
+                    out = spent[key] + refunds.get(key, Decimal(0))
+                    lease = await (
+                        await conn.execute(_SHRINK_ROW, (out, expires, self._lease_id, key))
+                    ).fetchone()
+                    # Without its lease row (swept after a long outage) the reservation is gone already.
+                    release = out if lease is not None else Decimal(0)
                     cur = await conn.execute(
-                        "UPDATE budget_counters SET spent_usd = spent_usd + %s, updated_at = now()"
+                        "UPDATE budget_counters SET spent_usd = spent_usd + %s,"
+                        " reserved_usd = greatest(reserved_usd - %s, 0), updated_at = now()"
                         " WHERE budget_key = %s RETURNING spent_usd, limit_usd",
-                        (spent[key], key),
+                        (spent[key], release, key),
                     )
                     row = await cur.fetchone()
                     if row is not None:
-                        self._announce(thresholds[key], row[0] - spent[key], row[0], row[1])
+                        self._announce(holds[key], row[0] - spent[key], row[0], row[1])
         except (psycopg.Error, OSError, TimeoutError) as exc:
             log.warning("budget.settle_deferred", requests=len(batch), error=type(exc).__name__)
+            for key, amount in refunds.items():
+                self._refunds[key] += amount
             return
+        now = time.monotonic()
+        for key in spent:
+            if key in self._slices:
+                self._slices[key].renewed = now
         for _ in batch:
             self._queue.popleft()
 
-    def _announce(self, hold: Any, before: Decimal, after: Decimal, limit: Decimal) -> None:
+    async def _hand_back(self, keys: list[str]) -> None:
+        """Return unpromised slices to their counters, so other replicas can use them."""
+        give = {k: self._slices[k].available for k in keys if self._slices[k].available > 0}
+        if not give:
+            return
+        expires = dt.datetime.now(dt.UTC) + LEASE_TTL
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                for key in sorted(give):
+                    lease = await (
+                        await conn.execute(_SHRINK_ROW, (give[key], expires, self._lease_id, key))
+                    ).fetchone()
+                    if lease is not None:
+                        await conn.execute(
+                            "UPDATE budget_counters SET reserved_usd = greatest(reserved_usd - %s, 0),"
+                            " updated_at = now() WHERE budget_key = %s",
+                            (give[key], key),
+                        )
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            log.warning("budget.hand_back_deferred", counters=len(give), error=type(exc).__name__)
+            return
+        for key, amount in give.items():
+            self._slices[key].available -= amount
+
+    def _announce(self, hold: Hold, before: Decimal, after: Decimal, limit: Decimal) -> None:
         for t in crossed(hold.thresholds, limit, before, after):
             self.threshold_crossings += 1
             log.warning(
-                "budget.threshold_crossed",
-                budget=hold.budget_key,
-                threshold=t,
-                spent_usd=str(after),
+                "budget.threshold_crossed", budget=hold.budget_key, threshold=t, spent_usd=str(after),
                 limit_usd=str(limit),
-            )
+            )  # fmt: skip
 
     async def sweep(self) -> None:
-        """Release reservations of requests that never settled (their replica died)."""
+        """Release the leases of replicas that died (expired and never renewed)."""
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
             async with self._pool.connection() as conn:
-                cur = await conn.execute(_RELEASE.format(where="expires_at < now()"))
-                released = await cur.fetchall()
+                released = await (await conn.execute(_RELEASE_EXPIRED)).fetchall()
                 if released:
-                    log.warning("budget.expired_reservations_released", counters=len(released))
+                    log.warning("budget.expired_leases_released", counters=len(released))
 
 
 class _Refused(Exception):

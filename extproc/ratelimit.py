@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any, Protocol
 
@@ -34,8 +35,8 @@ class Limiter(Protocol):
     async def take(self, charges: tuple[Charge, ...], window: int, reset_seconds: int) -> Throttle | None:
         """Add every charge, or none and say which limit is full."""
 
-    async def correct(self, counter: str, window: int, delta: int) -> None:
-        """Adjust a token counter by the difference between charged and used tokens."""
+    def correct(self, counter: str, window: int, delta: int) -> None:
+        """Adjust a token counter by the difference between charged and used tokens; returns at once."""
 
 
 class LocalLimiter:
@@ -56,7 +57,7 @@ class LocalLimiter:
             self._used[(c.counter, window)] += c.amount
         return None
 
-    async def correct(self, counter: str, window: int, delta: int) -> None:
+    def correct(self, counter: str, window: int, delta: int) -> None:
         """See Limiter.correct."""
         if (counter, window) in self._used:
             self._used[(counter, window)] += delta
@@ -76,6 +77,7 @@ class RedisLimiter:
 
         self._redis: Any = redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._take = self._redis.register_script(_TAKE)
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def take(self, charges: tuple[Charge, ...], window: int, reset_seconds: int) -> Throttle | None:
         """See Limiter.take."""
@@ -88,11 +90,20 @@ class RedisLimiter:
             return None
         return Throttle(charges[int(index) - 1], int(used), reset_seconds)
 
-    async def correct(self, counter: str, window: int, delta: int) -> None:
+    def correct(self, counter: str, window: int, delta: int) -> None:
         """See Limiter.correct."""
-        key = f"spendgate:rl:{counter}:{window}"
-        if await self._redis.exists(key):
-            await self._redis.incrby(key, delta)
+        task = asyncio.get_running_loop().create_task(
+            self._correct(f"spendgate:rl:{counter}:{window}", delta)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _correct(self, key: str, delta: int) -> None:
+        try:
+            if await self._redis.exists(key):
+                await self._redis.incrby(key, delta)
+        except Exception as exc:  # a lost correction only errs for the rest of one minute
+            log.warning("ratelimit.correction_failed", error=type(exc).__name__)
 
     async def close(self) -> None:
         """Close the connection pool."""
