@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import time
 import uuid
 import zlib
@@ -273,8 +274,13 @@ class Exchange:
         """Model rules, routing and transforms of the policies bound to this key."""
         assert self._entry is not None and self._provider is not None
         e = self._entry
+        provider, api = self._provider, self._api
         decision = decide(
-            self._set.policies, Subject(e.name, e.prefix, e.team, e.project, e.policy), req.model
+            self._set.policies,
+            Subject(e.name, e.prefix, e.team, e.project, e.policy),
+            req.model,
+            input_tokens=lambda: count_prompt(provider, api, req.body),
+            draw=random.random(),
         )
         for reason in decision.shadow:
             log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -45,13 +46,24 @@ def binds(policy: Policy, who: Subject) -> bool:
     )
 
 
-def decide(policies: tuple[Policy, ...], who: Subject, model: str | None) -> Decision:
-    """Apply every policy bound to `who`: aliases, model rules, transforms, budgets, limits."""
+def decide(
+    policies: tuple[Policy, ...],
+    who: Subject,
+    model: str | None,
+    *,
+    input_tokens: Callable[[], int] = lambda: 0,
+    draw: float = 0.0,
+) -> Decision:
+    """Apply every policy bound to `who`: routing, model rules, transforms, budgets, limits.
+
+    `input_tokens` is called only if a downgrade rule needs the count; `draw`, uniform in [0, 1),
+    picks the branch of a weighted split (the caller supplies the randomness).
+    """
     bound = sorted((p for p in policies if binds(p, who)), key=lambda p: p.applies_to.specificity)
     aliases: dict[str, str] = {}
     for p in bound:  # narrower policies override broader ones
         aliases.update(p.aliases)
-    d = Decision(model=aliases.get(model, model) if model else model)
+    d = Decision(model=_route(bound, aliases.get(model, model) if model else model, input_tokens, draw))
     for p in bound:
         reason = _model_refusal(p, d.model)
         if reason is not None:
@@ -69,6 +81,31 @@ def decide(policies: tuple[Policy, ...], who: Subject, model: str | None) -> Dec
         d.budgets += [(p, b) for b in p.budgets]
         d.rate_limits += [(p, r) for r in p.rate_limits]
     return d
+
+
+def _route(
+    bound: list[Policy], model: str | None, input_tokens: Callable[[], int], draw: float
+) -> str | None:
+    """The narrowest matching downgrade (when the input is small enough), then split."""
+    if model is None:
+        return None
+    for p in reversed(bound):
+        rule = next((r for r in p.routing.downgrade if fnmatchcase(model, r.model)), None)
+        if rule is not None:
+            if input_tokens() < rule.max_input_tokens:
+                model = rule.to
+            break
+    for p in reversed(bound):
+        split = next((s for s in p.routing.split if fnmatchcase(model, s.model)), None)
+        if split is not None:
+            total = sum(w.weight for w in split.to)
+            point, acc = draw * total, 0
+            for branch in split.to:
+                acc += branch.weight
+                if point < acc:
+                    return branch.model
+            return split.to[-1].model
+    return model
 
 
 def _model_refusal(policy: Policy, model: str | None) -> str | None:

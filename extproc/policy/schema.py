@@ -48,6 +48,35 @@ class Transforms(_Strict):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+class Downgrade(_Strict):
+    """Send small requests for a large model to a smaller one."""
+
+    model: str  # glob on the requested (aliased) model
+    to: str
+    max_input_tokens: int = Field(gt=0)
+
+
+class Weighted(_Strict):
+    """One branch of a split."""
+
+    model: str
+    weight: int = Field(gt=0)
+
+
+class Split(_Strict):
+    """Spread requests for a model over several, by weight."""
+
+    model: str  # glob on the requested (aliased) model
+    to: list[Weighted] = Field(min_length=1)
+
+
+class Routing(_Strict):
+    """Model routing beyond aliases; applied after aliases, before model rules."""
+
+    downgrade: list[Downgrade] = Field(default_factory=list)
+    split: list[Split] = Field(default_factory=list)
+
+
 class Budget(_Strict):
     """A USD cap per period, counted per key, team, project or for everyone bound."""
 
@@ -91,6 +120,7 @@ class Policy(_Strict):
     shadow: bool = False  # log what it would reject; reject nothing
     models: ModelRules = Field(default_factory=ModelRules)
     aliases: dict[str, str] = Field(default_factory=dict)
+    routing: Routing = Field(default_factory=Routing)
     transforms: Transforms = Field(default_factory=Transforms)
     budgets: list[Budget] = Field(default_factory=list)
     rate_limits: list[RateLimit] = Field(default_factory=list)

@@ -202,3 +202,41 @@ def test_record_keeps_the_requested_and_the_routed_model() -> None:
     ex.on_response_body(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}', True)
     rec = w.records[0]
     assert (rec.model_requested, rec.model_used) == ("fast", "fake-openai-model") and rec.cost_usd
+
+
+def test_small_request_for_a_large_model_is_downgraded() -> None:
+    p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
+    assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 99).model == "gpt-4o-mini"
+
+
+def test_large_request_keeps_its_model() -> None:
+    p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
+    assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 100).model == "gpt-4o"
+
+
+def test_input_is_counted_only_when_a_downgrade_rule_matches() -> None:
+    def refuse_to_count() -> int:
+        raise AssertionError("counted")
+
+    p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
+    assert decide((p,), WHO, "claude-x", input_tokens=refuse_to_count).model == "claude-x"
+
+
+def test_weighted_split_follows_the_draw() -> None:
+    p = policy(
+        routing={
+            "split": [
+                {"model": "big", "to": [{"model": "big", "weight": 90}, {"model": "small", "weight": 10}]}
+            ]
+        }
+    )
+    assert decide((p,), WHO, "big", draw=0.5).model == "big"
+    assert decide((p,), WHO, "big", draw=0.95).model == "small"
+
+
+def test_model_rules_apply_to_the_routed_model() -> None:
+    p = policy(
+        routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]},
+        models={"allow": ["gpt-4o-mini"]},
+    )
+    assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 5).reject is None
