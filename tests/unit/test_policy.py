@@ -240,3 +240,9 @@ def test_model_rules_apply_to_the_routed_model() -> None:
         models={"allow": ["gpt-4o-mini"]},
     )
     assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 5).reject is None
+
+
+def test_example_policies_are_valid(pdir: Path) -> None:
+    for example in (REPO / "policies" / "examples").glob("*.yaml"):
+        shutil.copy(example, pdir / example.name)
+    assert len(load_policy_dir(pdir).policies) >= 3
