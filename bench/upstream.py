@@ -53,6 +53,34 @@ CHAT_SSE = (
 )
 
 
+def _envoy(name: str, port: int, admin_port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A one-listener Envoy with the given routes and nothing but the router filter."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    listener = {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [listener]},
+    }
+
+
 def bootstrap(port: int, admin_port: int) -> dict[str, Any]:
     """Envoy serving a chat completion, as JSON or as an SSE stream when the bench header asks."""
 
@@ -62,127 +90,41 @@ def bootstrap(port: int, admin_port: int) -> dict[str, Any]:
             "response_headers_to_add": [{"header": {"key": "content-type", "value": content_type}}],
         }
 
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "bench_upstream",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {
-                                "prefix": "/",
-                                "headers": [{"name": STREAM_HEADER, "present_match": True}],
-                            },
-                            **respond(CHAT_SSE, "text/event-stream"),
-                        },
-                        {"match": {"prefix": "/"}, **respond(CHAT_JSON, "application/json")},
-                    ],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
+    stream = {"prefix": "/", "headers": [{"name": STREAM_HEADER, "present_match": True}]}
+    return _envoy(
+        "bench_upstream",
+        port,
+        admin_port,
+        [
+            {"match": stream, **respond(CHAT_SSE, "text/event-stream")},
+            {"match": {"prefix": "/"}, **respond(CHAT_JSON, "application/json")},
         ],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "bench_upstream",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
-                }
-            ]
-        },
-    }
+    )
 
 
 def plain_proxy(port: int, admin_port: int, upstream_port: int) -> dict[str, Any]:
     """The baseline: Envoy proxying to the upstream with no filter at all."""
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "baseline",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "600s"}}
-                    ],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "baseline",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "upstream",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "circuit_breakers": {
-                        "thresholds": [
-                            {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
-                        ]
-                    },
-                    "load_assignment": {
-                        "cluster_name": "upstream",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": upstream_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
-    }
+    config = _envoy(
+        "baseline",
+        port,
+        admin_port,
+        [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "600s"}}],
+    )
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}
+    config["static_resources"]["clusters"] = [
+        {
+            "name": "upstream",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "circuit_breakers": {
+                "thresholds": [
+                    {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
+                ]
+            },
+            "load_assignment": {
+                "cluster_name": "upstream",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+            },
+        }
+    ]
+    return config

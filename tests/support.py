@@ -64,6 +64,17 @@ def scratch_database() -> Iterator[str]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def migrated_database() -> Iterator[str]:
+    """A scratch database with Spendgate's schema, for tests of one component against Postgres."""
+    from extproc import db
+
+    with scratch_database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            db.migrate(conn)
+        yield url
+
+
 @dataclass
 class Stack:
     """A running `spendgate up`, its environment and its captured output."""

@@ -11,19 +11,16 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from extproc import db
 from extproc.budget_store import BudgetStore
 from extproc.policy.budgets import Admission, Hold, Settlement
-from tests.support import scratch_database
+from tests.support import migrated_database
 
 AMOUNT = Decimal("0.01")
 
 
 @pytest.fixture(scope="module")
 def dsn() -> Iterator[str]:
-    with scratch_database() as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            db.migrate(conn)
+    with migrated_database() as url:
         yield url
 
 

@@ -874,34 +874,23 @@ def test_gemini_stream_function_call_has_paris_args(gemini: genai.Client) -> Non
     assert [(c.name, c.args) for c in calls] == [("get_weather", TOOL_ARGUMENTS)]
 
 
-def test_gemini_rate_limit_raises_client_error_429(gemini: genai.Client) -> None:
-    with pytest.raises(genai_errors.ClientError) as caught:
+@pytest.mark.parametrize(
+    ("scenario_name", "error", "code", "status"),
+    [
+        ("error-429", genai_errors.ClientError, 429, "RESOURCE_EXHAUSTED"),
+        ("error-500", genai_errors.ServerError, 500, "INTERNAL"),
+        ("error-400", genai_errors.ClientError, 400, "INVALID_ARGUMENT"),
+    ],
+)
+def test_gemini_error_scenarios_raise_the_sdks_error_with_code_and_status(
+    gemini: genai.Client, scenario_name: str, error: type[genai_errors.APIError], code: int, status: str
+) -> None:
+    with pytest.raises(error) as caught:
         gemini.models.generate_content(
-            model="gemini-2.5-flash", contents="hi", config=gemini_config(headers=scenario("error-429"))
+            model="gemini-2.5-flash", contents="hi", config=gemini_config(headers=scenario(scenario_name))
         )
 
-    assert caught.value.code == 429
-    assert caught.value.status == "RESOURCE_EXHAUSTED"
-
-
-def test_gemini_server_error_raises_server_error_500(gemini: genai.Client) -> None:
-    with pytest.raises(genai_errors.ServerError) as caught:
-        gemini.models.generate_content(
-            model="gemini-2.5-flash", contents="hi", config=gemini_config(headers=scenario("error-500"))
-        )
-
-    assert caught.value.code == 500
-    assert caught.value.status == "INTERNAL"
-
-
-def test_gemini_bad_request_raises_client_error_400(gemini: genai.Client) -> None:
-    with pytest.raises(genai_errors.ClientError) as caught:
-        gemini.models.generate_content(
-            model="gemini-2.5-flash", contents="hi", config=gemini_config(headers=scenario("error-400"))
-        )
-
-    assert caught.value.code == 400
-    assert caught.value.status == "INVALID_ARGUMENT"
+    assert (caught.value.code, caught.value.status) == (code, status)
 
 
 def test_gemini_cut_stream_raises_after_partial_text(gemini: genai.Client) -> None:

@@ -12,17 +12,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from extproc import db
 from extproc.usage import Usage, UsageRecord
 from extproc.writer import UsageWriter
-from tests.support import scratch_database
+from tests.support import migrated_database
 
 
 @pytest.fixture(scope="module")
 def dsn() -> Iterator[str]:
-    with scratch_database() as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            db.migrate(conn)
+    with migrated_database() as url:
         yield url
 
 

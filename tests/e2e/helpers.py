@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import openai
+
 from tests.fakeprovider import FakeProvider, RecordedRequest
 from tests.support import Issued
 
@@ -72,3 +74,14 @@ def assert_record(
     assert row["price_version"]
     assert row["estimated"] is False and row["status"] == 200 and row["outcome"] == "complete"
     assert row["stream"] is stream and row["model_requested"] == model
+
+
+def ask(client: openai.OpenAI, prompt: str, max_tokens: int) -> int:
+    """One chat completion; 200 if it was served, 429 if a budget or limit refused it."""
+    try:
+        client.chat.completions.create(
+            model="fake-openai-model", max_tokens=max_tokens, messages=[{"role": "user", "content": prompt}]
+        )
+    except openai.RateLimitError:
+        return 429
+    return 200

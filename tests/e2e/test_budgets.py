@@ -12,7 +12,7 @@ import openai
 import pytest
 import tiktoken
 
-from tests.e2e.helpers import expected_cost
+from tests.e2e.helpers import ask, expected_cost
 from tests.fakeprovider import OPENAI_USAGE, FakeProvider
 from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
 
@@ -53,21 +53,11 @@ def bstack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     s.stop()
 
 
-def ask(client: openai.OpenAI) -> int:
-    try:
-        client.chat.completions.create(
-            model="fake-openai-model", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PROMPT}]
-        )
-    except openai.RateLimitError:
-        return 429
-    return 200
-
-
 def test_two_hundred_concurrent_requests_never_spend_past_the_cap(bstack: Stack, fake: FakeProvider) -> None:
     issued = issue_key(bstack, "openai", fake.base_url, team="race")
     client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
-        statuses = list(pool.map(lambda _: ask(client), range(200)))
+        statuses = list(pool.map(lambda _: ask(client, PROMPT, MAX_TOKENS), range(200)))
     admitted = statuses.count(200)
     assert statuses.count(429) == 200 - admitted
     rows = [r for r in usage_rows(bstack, issued.key_id, expect=200) if r["status"] == 200]

@@ -29,7 +29,7 @@ def client(stack: Stack, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
 
 
-def expect_exact(stack: Stack, issued: Issued, stream: bool) -> None:
+def expect_exact(stack: Stack, issued: Issued, stream: bool, api: str = "chat.completions") -> None:
     (row,) = usage_rows(stack, issued.key_id)
     assert_record(
         row,
@@ -40,7 +40,7 @@ def expect_exact(stack: Stack, issued: Issued, stream: bool) -> None:
         reasoning=U["reasoning_tokens"],
         stream=stream,
     )
-    assert row["api"] == "chat.completions" and row["team"] == "team-a" and row["project"] == "proj-x"
+    assert row["api"] == api and row["team"] == "team-a" and row["project"] == "proj-x"
 
 
 def test_chat_completion_answer_reaches_the_app(stack: Stack, openai_key: Issued) -> None:
@@ -149,33 +149,14 @@ def test_tool_call_without_streaming_is_accounted(stack: Stack, openai_key: Issu
 def test_responses_api_writes_one_exact_record(stack: Stack, openai_key: Issued) -> None:
     resp = client(stack, openai_key.key).responses.create(model=MODEL, input="hi")
     assert resp.output_text == REPLY_TEXT
-    (row,) = usage_rows(stack, openai_key.key_id)
-    assert_record(
-        row,
-        MODEL,
-        inp=U["prompt_tokens"],
-        cached=U["cached_tokens"],
-        out=U["completion_tokens"],
-        reasoning=U["reasoning_tokens"],
-        stream=False,
-    )
-    assert row["api"] == "responses"
+    expect_exact(stack, openai_key, stream=False, api="responses")
 
 
 def test_streamed_responses_api_writes_one_exact_record(stack: Stack, openai_key: Issued) -> None:
     with client(stack, openai_key.key).responses.stream(model=MODEL, input="hi") as s:
         text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
     assert text == REPLY_TEXT
-    (row,) = usage_rows(stack, openai_key.key_id)
-    assert_record(
-        row,
-        MODEL,
-        inp=U["prompt_tokens"],
-        cached=U["cached_tokens"],
-        out=U["completion_tokens"],
-        reasoning=U["reasoning_tokens"],
-        stream=True,
-    )
+    expect_exact(stack, openai_key, stream=True, api="responses")
 
 
 def test_embeddings_write_one_exact_record(stack: Stack, openai_key: Issued) -> None:

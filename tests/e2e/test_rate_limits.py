@@ -13,6 +13,7 @@ import openai
 import pytest
 import tiktoken
 
+from tests.e2e.helpers import ask
 from tests.fakeprovider import OPENAI_USAGE, FakeProvider
 from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
 
@@ -65,22 +66,12 @@ def redis_stack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     s.stop()
 
 
-def ask(client: openai.OpenAI) -> int:
-    try:
-        client.chat.completions.create(
-            model="fake-openai-model", max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PROMPT}]
-        )
-    except openai.RateLimitError:
-        return 429
-    return 200
-
-
 def test_requests_past_the_per_minute_limit_get_429_with_ratelimit_headers(
     local_stack: Stack, fake: FakeProvider
 ) -> None:
     issued = issue_key(local_stack, "openai", fake.base_url, team="rpm")
     client = openai.OpenAI(base_url=local_stack.url + "/v1", api_key=issued.key, max_retries=0)
-    statuses = [ask(client) for _ in range(3)]
+    statuses = [ask(client, PROMPT, MAX_TOKENS) for _ in range(3)]
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(
             model="fake-openai-model", messages=[{"role": "user", "content": "hi"}]
@@ -99,7 +90,7 @@ def test_token_limit_holds_across_two_processes_through_redis(redis_stack: Stack
     if dt.datetime.now(dt.UTC).second > 45:  # keep the whole race inside one one-minute window
         time.sleep(61 - dt.datetime.now(dt.UTC).second)
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
-        statuses = list(pool.map(lambda _: ask(client), range(100)))
+        statuses = list(pool.map(lambda _: ask(client, PROMPT, MAX_TOKENS), range(100)))
     admitted = statuses.count(200)
     used = admitted * ACTUAL_TOKENS
     assert used <= TPM, f"{admitted} admitted use {used} tokens, past the {TPM} per minute"

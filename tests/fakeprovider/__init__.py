@@ -1,45 +1,6 @@
 """Fake OpenAI / Anthropic / Gemini provider for Spendgate's tests and benchmarks."""
 
-from tests.fakeprovider.server import (
-    ANTHROPIC_COUNT_TOKENS,
-    ANTHROPIC_USAGE,
-    CUT_AFTER_DELTAS,
-    DEFAULT_DELAY,
-    DELAY_HEADER,
-    EMBEDDING_DIMENSIONS,
-    EMBEDDING_USAGE,
-    GEMINI_USAGE,
-    OPENAI_USAGE,
-    REPLY_DELTAS,
-    REPLY_TEXT,
-    SCENARIO_HEADER,
-    TOOL_ARGUMENTS,
-    TOOL_ARGUMENTS_JSON,
-    FakeProvider,
-    RecordedRequest,
-    RequestLog,
-    build_app,
-    serve,
-)
+from tests.fakeprovider import server as _server
+from tests.fakeprovider.server import *  # noqa: F403 - the package's API is the server module's
 
-__all__ = [
-    "ANTHROPIC_COUNT_TOKENS",
-    "ANTHROPIC_USAGE",
-    "CUT_AFTER_DELTAS",
-    "DEFAULT_DELAY",
-    "DELAY_HEADER",
-    "EMBEDDING_DIMENSIONS",
-    "EMBEDDING_USAGE",
-    "GEMINI_USAGE",
-    "OPENAI_USAGE",
-    "REPLY_DELTAS",
-    "REPLY_TEXT",
-    "SCENARIO_HEADER",
-    "TOOL_ARGUMENTS",
-    "TOOL_ARGUMENTS_JSON",
-    "FakeProvider",
-    "RecordedRequest",
-    "RequestLog",
-    "build_app",
-    "serve",
-]
+__all__ = _server.__all__
