@@ -7,7 +7,7 @@ import structlog
 from extproc.budget_store import BudgetStore, BudgetUnavailable
 from extproc.exchange import Exchange, Reply
 from extproc.policy.budgets import Admission, Settlement
-from extproc.ratelimit import Limiter
+from extproc.ratelimit import Limiter, Verdict
 
 log = structlog.get_logger("spendgate.admission")
 
@@ -24,10 +24,13 @@ class Gatekeeper:
         """Charge rate limits (all or nothing), then reserve budget; answer the Exchange."""
         if adm.charges:
             try:
-                throttle = await self.limiter.take(adm.charges, adm.window, adm.reset_seconds)
+                verdict = await self.limiter.take(adm.charges, adm.window, adm.reset_seconds)
             except Exception as exc:  # Redis down or slow: a limit that can't be checked is not enforced
                 log.warning("ratelimit.unavailable", request_id=ex.request_id, error=type(exc).__name__)
-                throttle = None
+                verdict = Verdict(None)
+            for would in verdict.shadow:
+                log.info("ratelimit.shadow_rejection", request_id=ex.request_id, reason=would.message())
+            throttle = verdict.throttle
             if throttle is not None:
                 self.throttles += 1
                 return ex.on_throttled(throttle)

@@ -153,6 +153,7 @@ class Exchange:
         self._path = ""
         self._query: dict[str, str] = {}
         self._model_routed: str | None = None
+        self._input_tokens: int | None = None
         self._request: ParsedRequest | None = None
         self._status = 0
         self._ttft_ms: int | None = None
@@ -250,7 +251,7 @@ class Exchange:
         holds = holds_for(decision.budgets, str(e.key_id), e.team, e.project, now)
         if not holds and not decision.rate_limits:
             return reply
-        input_tokens = count_prompt(self._provider, self._api, req.body)
+        input_tokens = self._counted_input(req)
         ceilings = [m for m in (req.max_tokens, decision.max_tokens) if m is not None]
         max_out = min(ceilings) if ceilings else None
         price = self._set.prices.lookup(decision.model)
@@ -270,16 +271,22 @@ class Exchange:
         self._pending = reply
         return self._admission
 
+    def _counted_input(self, req: ParsedRequest) -> int:
+        """tiktoken's count of the request's input, made at most once (routing and admission share it)."""
+        if self._input_tokens is None:
+            assert self._provider is not None
+            self._input_tokens = count_prompt(self._provider, self._api, req.body)
+        return self._input_tokens
+
     def _apply_policies(self, req: ParsedRequest) -> tuple[Reply, Decision | None]:
         """Model rules, routing and transforms of the policies bound to this key."""
         assert self._entry is not None and self._provider is not None
         e = self._entry
-        provider, api = self._provider, self._api
         decision = decide(
             self._set.policies,
             Subject(e.name, e.prefix, e.team, e.project, e.policy),
             req.model,
-            input_tokens=lambda: count_prompt(provider, api, req.body),
+            input_tokens=lambda: self._counted_input(req),
             draw=random.random(),
         )
         for reason in decision.shadow:

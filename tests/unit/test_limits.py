@@ -34,21 +34,21 @@ async def test_local_limiter_refuses_past_the_limit_and_charges_nothing_then() -
     p = limited(requests_per_minute=2, tokens_per_minute=10)
     lim = LocalLimiter()
     charges = charges_for([(p, p.rate_limits[0])], "k", None, 4)
-    assert await lim.take(charges, 1, 30) is None
-    assert await lim.take(charges, 1, 30) is None
-    throttle = await lim.take(charges, 1, 30)
+    assert (await lim.take(charges, 1, 30)).throttle is None
+    assert (await lim.take(charges, 1, 30)).throttle is None
+    throttle = (await lim.take(charges, 1, 30)).throttle
     assert throttle is not None and throttle.charge.kind == "requests" and throttle.used == 2
-    assert await lim.take(charges, 2, 60) is None  # a new minute
+    assert (await lim.take(charges, 2, 60)).throttle is None  # a new minute
 
 
 async def test_token_correction_frees_what_a_request_did_not_use() -> None:
     p = limited(tokens_per_minute=10)
     lim = LocalLimiter()
     charges = charges_for([(p, p.rate_limits[0])], "k", None, 8)
-    assert await lim.take(charges, 1, 30) is None
-    assert await lim.take(charges, 1, 30) is not None
+    assert (await lim.take(charges, 1, 30)).throttle is None
+    assert (await lim.take(charges, 1, 30)).throttle is not None
     lim.correct(charges[0].counter, 1, -6)  # it used 2 of the 8 it was charged
-    assert await lim.take(charges, 1, 30) is None
+    assert (await lim.take(charges, 1, 30)).throttle is None
 
 
 def test_throttle_answer_has_retry_after_and_openai_ratelimit_headers() -> None:
@@ -63,3 +63,19 @@ def test_throttle_answer_has_retry_after_and_openai_ratelimit_headers() -> None:
     h = dict(reply.set_headers)
     assert reply.immediate_status == 429 and h["retry-after"] == "17"
     assert h["x-ratelimit-limit-requests"] == "1" and h["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_shadow_limit_charges_and_reports_instead_of_refusing() -> None:
+    p = Policy.model_validate(
+        {
+            "name": "sh",
+            "applies_to": {"all": True},
+            "shadow": True,
+            "rate_limits": [{"requests_per_minute": 1}],
+        }
+    )
+    lim = LocalLimiter()
+    charges = charges_for([(p, p.rate_limits[0])], "k", None, 1)
+    await lim.take(charges, 1, 30)
+    verdict = await lim.take(charges, 1, 30)
+    assert verdict.throttle is None and len(verdict.shadow) == 1
