@@ -18,6 +18,7 @@ import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import structlog
@@ -140,12 +141,35 @@ class BudgetStore:
         grants: dict[str, Decimal] = {}
         per_request: dict[str, bool] = {}
         expires = dt.datetime.now(dt.UTC) + LEASE_TTL
-        async with self._pool.connection() as conn, conn.transaction():
-            for h in adm.holds:
-                await conn.execute(
-                    _ENSURE,
-                    (h.budget_key, h.policy, h.scope, h.period, h.period_start, h.period_end, h.limit),
-                )
+        async with self._pool.connection() as conn:
+            # Counters are created in a transaction of their own, so that a refusal (which rolls
+            # the leasing back) still leaves the counter for `spendgate budgets` to show.
+            async with conn.transaction():
+                for h in adm.holds:
+                    await conn.execute(
+                        _ENSURE,
+                        (h.budget_key, h.policy, h.scope, h.period, h.period_start, h.period_end, h.limit),
+                    )
+            await self._grant(conn, adm, grants, per_request, expires)
+        now = time.monotonic()
+        for h in adm.holds:
+            s = self._slices.setdefault(h.budget_key, _Slice(h))
+            if now - s.renewed > _TRUST:
+                s.available = Decimal(0)  # the sweeper may have released it: start afresh
+            s.available += grants[h.budget_key]
+            s.per_request = per_request[h.budget_key]
+            s.renewed = now
+
+    async def _grant(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        adm: Admission,
+        grants: dict[str, Decimal],
+        per_request: dict[str, bool],
+        expires: dt.datetime,
+    ) -> None:
+        """Lock each counter in the holds' fixed order and lease what this replica is short of."""
+        async with conn.transaction():
             for h in adm.holds:
                 local = self._slices.get(h.budget_key)
                 have = local.available if local and time.monotonic() - local.renewed <= _TRUST else Decimal(0)
@@ -170,14 +194,6 @@ class BudgetStore:
                     )
                     await conn.execute(_GRANT_ROW, (self._lease_id, h.budget_key, grant, expires))
                 grants[h.budget_key] = grant
-        now = time.monotonic()
-        for h in adm.holds:
-            s = self._slices.setdefault(h.budget_key, _Slice(h))
-            if now - s.renewed > _TRUST:
-                s.available = Decimal(0)  # the sweeper may have released it: start afresh
-            s.available += grants[h.budget_key]
-            s.per_request = per_request[h.budget_key]
-            s.renewed = now
 
     # -- settlement ------------------------------------------------------------------------
     def settle(self, settlement: Settlement) -> None:

@@ -206,6 +206,15 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Budget counters of the periods in progress."""
+    from extproc.reports import budget_report
+
+    with _connect() as conn:
+        _print_rows(budget_report(conn), args.json)
+    return 0
+
+
 def cmd_envoy(args: argparse.Namespace) -> int:
     """envoy render: write the shipped configs; envoy clusters: clusters for the stored providers."""
     from extproc import shipped_configs
@@ -322,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--since", type=_duration, default=dt.timedelta(days=30))
     us.add_argument("--json", action="store_true")
     us.set_defaults(func=cmd_usage)
+
+    bud = sub.add_parser("budgets", help="budget counters of the periods in progress")
+    bud.add_argument("--json", action="store_true")
+    bud.set_defaults(func=cmd_budgets)
 
     env = sub.add_parser("envoy", help="Envoy configuration")
     env.add_argument("action", choices=["render", "clusters"])

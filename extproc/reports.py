@@ -38,6 +38,17 @@ def usage_report(conn: psycopg.Connection[Any], by: str, since: dt.datetime) -> 
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
+def budget_report(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Budget counters of the periods in progress: limit, spent, reserved (leases included), left."""
+    cur = conn.execute(
+        "SELECT policy, scope, period, limit_usd, spent_usd, reserved_usd,"
+        " greatest(limit_usd - spent_usd - reserved_usd, 0) AS left_usd, period_end AS resets"
+        " FROM budget_counters WHERE period_end > now() ORDER BY policy, scope, period"
+    )
+    cols = [c.name for c in cur.description or []]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain aligned text table."""
     if not rows:

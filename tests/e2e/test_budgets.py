@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -94,3 +95,8 @@ def test_exhausted_budget_raises_rate_limit_error_naming_it_with_retry_after(
             )
     assert "policy 'tiny'" in str(exc.value) and "per month" in str(exc.value)
     assert int(exc.value.response.headers["retry-after"]) > 0
+    report = json.loads(bstack.cli("budgets", "--json").stdout)
+    tiny = next(r for r in report if r["policy"] == "tiny")
+    # Its worst case never fitted, so nothing was spent and the whole cap is still left.
+    assert tiny["scope"] == "team:tiny" and tiny["period"] == "month"
+    assert Decimal(tiny["spent_usd"]) == 0 and Decimal(tiny["left_usd"]) == ACTUAL

@@ -115,3 +115,22 @@ def test_failed_request_releases_its_reservation() -> None:
     ex.on_admitted(None)
     ex.on_response_headers({":status": "500", "content-type": "application/json"}, False)
     assert settled[0].cost == 0
+
+
+async def test_unreachable_postgres_refuses_a_budgeted_request_with_503() -> None:
+    from extproc.admission import Gatekeeper
+    from extproc.budget_store import BudgetStore
+    from extproc.ratelimit import LocalLimiter
+
+    store = BudgetStore("postgresql://nobody@127.0.0.1:1/none")
+    await store.open()
+    try:
+        w = budgeted_world()
+        ex = w.exchange()
+        ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+        adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
+        assert isinstance(adm, Admission)
+        reply = await Gatekeeper(store, LocalLimiter()).admit(ex, adm)
+        assert reply.immediate_status == 503 and w.records[0].status == 503
+    finally:
+        await store._pool.close()
