@@ -16,6 +16,7 @@ import psycopg
 
 from extproc import admin, db, log
 from extproc.crypto import MasterKeyError, generate_master_key, load_keyring
+from extproc.reports import GROUPS
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(func=cmd_master_key)
 
     us = sub.add_parser("usage", help="spend and tokens")
-    us.add_argument("--by", choices=["key", "team", "project", "model", "provider", "day"], default="key")
+    us.add_argument("--by", choices=list(GROUPS), default="key")
     us.add_argument("--since", type=_duration, default=dt.timedelta(days=30))
     us.add_argument("--json", action="store_true")
     us.set_defaults(func=cmd_usage)

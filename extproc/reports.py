@@ -1,4 +1,4 @@
-"""`spendgate usage`: spend and tokens grouped by key, team, model or day."""
+"""Reports: `spendgate usage` (spend and tokens by key, team, project, model, provider or day) and `spendgate budgets`."""
 
 from __future__ import annotations
 
