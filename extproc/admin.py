@@ -38,8 +38,9 @@ def add_provider(
     name: str,
     secret: str,
     base_url: str | None,
+    fallback: str | None = None,
 ) -> uuid.UUID:
-    """Store a provider credential, encrypted."""
+    """Store a provider credential, encrypted; `fallback` names the credential to fail over to."""
     if provider not in DEFAULT_BASE_URLS:
         raise AdminError(f"unknown provider {provider!r}; expected one of {', '.join(DEFAULT_BASE_URLS)}")
     if not secret.strip():
@@ -55,20 +56,41 @@ def add_provider(
         exists = conn.execute("SELECT 1 FROM provider_credentials WHERE name = %s", (name,)).fetchone()
         if exists:
             raise AdminError(f"a provider credential named {name!r} already exists")
+        fallback_id = _fallback_id(conn, provider, fallback) if fallback is not None else None
         conn.execute(
-            "INSERT INTO provider_credentials (id, provider, name, base_url, ciphertext, nonce, master_key_id)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (cid, provider, name, url, sealed.ciphertext, sealed.nonce, sealed.master_key_id),
+            "INSERT INTO provider_credentials (id, provider, name, base_url, ciphertext, nonce, master_key_id,"
+            " fallback_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (cid, provider, name, url, sealed.ciphertext, sealed.nonce, sealed.master_key_id, fallback_id),
         )
-        _audit(conn, "provider.add", name, provider=provider, base_url=url, credential_id=str(cid))
+        _audit(
+            conn,
+            "provider.add",
+            name,
+            provider=provider,
+            base_url=url,
+            credential_id=str(cid),
+            fallback=fallback,
+        )
     return cid
+
+
+def _fallback_id(conn: psycopg.Connection[Any], provider: str, fallback: str) -> uuid.UUID:
+    row = conn.execute(
+        "SELECT id, provider FROM provider_credentials WHERE name = %s AND revoked_at IS NULL", (fallback,)
+    ).fetchone()
+    if row is None:
+        raise AdminError(f"no live provider credential named {fallback!r} to fail over to")
+    if row[1] != provider:
+        raise AdminError(f"{fallback!r} speaks {row[1]}, not {provider}: failover needs the same protocol")
+    return row[0]  # type: ignore[no-any-return]
 
 
 def list_providers(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Credentials without their secrets."""
     cur = conn.execute(
-        "SELECT id, provider, name, base_url, master_key_id, created_at, revoked_at FROM provider_credentials"
-        " ORDER BY created_at"
+        "SELECT c.id, c.provider, c.name, c.base_url, f.name AS fallback, c.master_key_id, c.created_at,"
+        " c.revoked_at FROM provider_credentials c LEFT JOIN provider_credentials f ON f.id = c.fallback_id"
+        " ORDER BY c.created_at"
     )
     cols = [c.name for c in cur.description or []]
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]

@@ -139,7 +139,7 @@ def cmd_providers(args: argparse.Namespace) -> int:
         if args.action == "add":
             secret = _read_secret(args.secret_env)
             cid = admin.add_provider(
-                conn, load_keyring(_home()), args.provider, args.name, secret, args.base_url
+                conn, load_keyring(_home()), args.provider, args.name, secret, args.base_url, args.fallback
             )
             print(f"added provider credential {args.name} ({args.provider}) id {cid}")
         elif args.action == "list":
@@ -296,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True)
     add.add_argument("--base-url", help="an OpenAI-compatible or other base URL (default: the provider's)")
     add.add_argument("--secret-env", help="name of an environment variable holding the key")
+    add.add_argument(
+        "--fallback",
+        help="a credential of the same provider protocol that Envoy fails over to (5xx, 429, down)",
+    )
     plist = psub.add_parser("list")
     plist.add_argument("--json", action="store_true")
     prev = psub.add_parser("revoke")

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.exchange import UPSTREAM_HEADER
-from extproc.upstreams import DEFAULT_BASE_URLS, Upstream, upstream_for
+from extproc.failover import HOST_METADATA, PHASE_METADATA
+from extproc.upstreams import DEFAULT_BASE_URLS, MAX_CHAIN, Upstream, upstream_for
+from extproc.upstreams import failover_cluster as failover_name
 
 EXTPROC_CLUSTER = "spendgate_extproc"
 _T = "type.googleapis.com/envoy."
@@ -142,7 +144,9 @@ def provider_cluster(up: Upstream, ca_file: str) -> dict[str, Any]:
                             "endpoint": {
                                 "address": {"socket_address": {"address": up.host, "port_value": up.port}},
                                 "hostname": up.host,
-                            }
+                            },
+                            # The failover filter learns from this which cluster Envoy picked.
+                            "metadata": {"filter_metadata": {"spendgate": {"cluster": up.cluster}}},
                         }
                     ]
                 }
@@ -166,6 +170,60 @@ def provider_cluster(up: Upstream, ca_file: str) -> dict[str, Any]:
     return cluster
 
 
+def failover_cluster(members: list[str]) -> dict[str, Any]:
+    """An aggregate cluster trying `members` in order, with the per-attempt credential filter."""
+    return {
+        "name": failover_name(members),
+        "connect_timeout": "5s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": _T + "extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": members,
+            },
+        },
+        "typed_extension_protocol_options": {
+            _HTTP_OPTIONS: {
+                "@type": _T.replace("envoy.", "") + _HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {}},
+                # Upstream filters run once per attempt, after the host is chosen: the place to
+                # put on each member's own credential.
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.ext_proc",
+                        "typed_config": {
+                            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                            "grpc_service": {
+                                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+                                "timeout": "5s",
+                                "initial_metadata": [{"key": PHASE_METADATA, "value": "upstream"}],
+                            },
+                            "failure_mode_allow": False,
+                            "status_on_error": {"code": 503},
+                            "request_attributes": [HOST_METADATA],
+                            "processing_mode": {
+                                "request_header_mode": "SEND",
+                                "response_header_mode": "SEND",
+                                "request_body_mode": "NONE",
+                                "response_body_mode": "NONE",
+                                "request_trailer_mode": "SKIP",
+                                "response_trailer_mode": "SKIP",
+                            },
+                        },
+                    },
+                    {
+                        "name": "envoy.filters.http.upstream_codec",
+                        "typed_config": {
+                            "@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                        },
+                    },
+                ],
+            }
+        },
+    }
+
+
 def default_upstreams() -> list[Upstream]:
     """The public providers' clusters, shipped in every config."""
     return [upstream_for(u) for u in DEFAULT_BASE_URLS.values()]
@@ -180,6 +238,34 @@ def route_config() -> dict[str, Any]:
                 "name": "spendgate",
                 "domains": ["*"],
                 "routes": [
+                    {
+                        # Keys with a fallback chain: Envoy retries the next member of the
+                        # aggregate cluster on connect failure, reset, 5xx or 429.
+                        "match": {
+                            "prefix": "/",
+                            "headers": [{"name": UPSTREAM_HEADER, "string_match": {"prefix": "fo_"}}],
+                        },
+                        "route": {
+                            "cluster_header": UPSTREAM_HEADER,
+                            "auto_host_rewrite": True,
+                            "timeout": "600s",
+                            "idle_timeout": "300s",
+                            "retry_policy": {
+                                "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
+                                "retriable_status_codes": [429],
+                                "num_retries": MAX_CHAIN - 1,
+                                "retry_priority": {
+                                    "name": "envoy.retry_priorities.previous_priorities",
+                                    "typed_config": {
+                                        "@type": _T
+                                        + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                                        "update_frequency": 1,
+                                    },
+                                },
+                            },
+                        },
+                        "request_headers_to_remove": [UPSTREAM_HEADER],
+                    },
                     {
                         "match": {
                             "prefix": "/",
@@ -309,13 +395,13 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     return config
 
 
-def cds_document(upstreams: list[Upstream], ca_file: str) -> dict[str, Any]:
+def cds_document(
+    upstreams: list[Upstream], ca_file: str, chains: list[list[str]] | None = None
+) -> dict[str, Any]:
     """The file-based CDS document that `spendgate up` rewrites when providers change."""
-    return {
-        "resources": [
-            {"@type": _T + "config.cluster.v3.Cluster", **provider_cluster(u, ca_file)} for u in upstreams
-        ]
-    }
+    clusters = [provider_cluster(u, ca_file) for u in upstreams]
+    clusters += [failover_cluster(members) for members in chains or []]
+    return {"resources": [{"@type": _T + "config.cluster.v3.Cluster", **c} for c in clusters]}
 
 
 def _is_ip(host: str) -> bool:

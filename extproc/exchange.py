@@ -44,6 +44,10 @@ log = structlog.get_logger("spendgate.exchange")
 UPSTREAM_HEADER = "x-spendgate-upstream"
 REQUEST_ID_HEADER = "x-spendgate-request-id"
 TAGS_HEADER = "x-spendgate-tags"
+# Between the downstream and the upstream (per attempt) filter when a key has failover: which
+# primary credential's chain to pick from, and which cluster finally answered.
+FAILOVER_HEADER = "x-spendgate-failover"
+SERVED_BY_HEADER = "x-spendgate-served-by"
 # Every place a client may put a credential. All are cleared before the request goes up, so a
 # wrapped key can never reach a provider whichever header it came in.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
@@ -59,6 +63,8 @@ HEADERS_READ = frozenset(
         "content-length",
         "content-encoding",
         "anthropic-version",
+        SERVED_BY_HEADER,
+        FAILOVER_HEADER,
     }
 )
 
@@ -154,6 +160,7 @@ class Exchange:
         self._query: dict[str, str] = {}
         self._model_routed: str | None = None
         self._input_tokens: int | None = None
+        self._served_by: str | None = None
         self._request: ParsedRequest | None = None
         self._status = 0
         self._ttft_ms: int | None = None
@@ -207,9 +214,13 @@ class Exchange:
 
         reply = Reply(
             remove_headers=[h for h in _STRIP_ALWAYS if h in headers],
-            set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.upstream.cluster)],
+            set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.route)],
             clear_route_cache=True,
         )
+        if entry.chain:  # overwrites whatever a client sent: only this key's own chain may be used
+            reply.set_headers.append((FAILOVER_HEADER, str(entry.credential_id)))
+        elif FAILOVER_HEADER in headers:
+            reply.remove_headers.append(FAILOVER_HEADER)
         query.pop("key", None)
         self._query = query
         new_path = self._upstream_path(path)
@@ -316,6 +327,9 @@ class Exchange:
         self._status = int(headers.get(":status", "0") or 0)
         self._ttft_ms = self._elapsed_ms()
         reply = Reply(set_headers=[(REQUEST_ID_HEADER, self.request_id)])
+        if SERVED_BY_HEADER in headers:
+            self._served_by = headers[SERVED_BY_HEADER]
+            reply.remove_headers.append(SERVED_BY_HEADER)
         content_type = headers.get("content-type", "")
         if self._status >= 400 and "json" not in content_type and not end_of_stream:
             # Envoy's own replies (connect failure, timeout, overflow, 413 on a body past its
@@ -445,7 +459,7 @@ class Exchange:
             project=entry.project,
             model_requested=self._request.model if self._request else None,
             model_used=model,
-            upstream=entry.upstream.cluster,
+            upstream=self._served_by or entry.upstream.cluster,
             usage=usage,
             cost_usd=prices.cost(model, usage),
             price_version=prices.version,

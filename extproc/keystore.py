@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import structlog
 
 from extproc.crypto import Keyring, MasterKeyError, Sealed
-from extproc.keytable import KeyEntry, KeyTable
-from extproc.upstreams import upstream_for
+from extproc.keytable import Credential, KeyEntry, KeyTable
+from extproc.upstreams import follow_chain, upstream_for
 
 log = structlog.get_logger("spendgate.keystore")
 
@@ -19,10 +20,13 @@ log = structlog.get_logger("spendgate.keystore")
 CHANGES_CHANNEL = "spendgate_keys"
 
 _LIVE_KEYS = """
-SELECT k.id, k.prefix, k.secret_hash, k.name, k.team, k.project, k.policy, k.expires_at,
-       c.id, c.provider, c.base_url, c.ciphertext, c.nonce, c.master_key_id
-FROM api_keys k JOIN provider_credentials c ON c.id = k.credential_id
-WHERE k.revoked_at IS NULL AND c.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+SELECT k.id, k.prefix, k.secret_hash, k.name, k.team, k.project, k.policy, k.expires_at, k.credential_id
+FROM api_keys k
+WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+"""
+_LIVE_CREDENTIALS = """
+SELECT id, provider, base_url, ciphertext, nonce, master_key_id, fallback_id
+FROM provider_credentials WHERE revoked_at IS NULL
 """
 
 
@@ -48,28 +52,31 @@ class KeyStore:
         """Load the live keys now, on `conn` or on a connection of its own."""
         if conn is None:
             async with await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=3) as own:
-                rows = await (await own.execute(_LIVE_KEYS)).fetchall()
+                await self._load(own)
         else:
-            rows = await (await conn.execute(_LIVE_KEYS)).fetchall()
-        entries: dict[bytes, KeyEntry] = {}
-        for (
-            kid,
-            prefix,
-            digest,
-            name,
-            team,
-            project,
-            policy,
-            expires,
-            cid,
-            provider,
-            base_url,
-            ct,
-            nonce,
-            mkid,
-        ) in rows:
+            await self._load(conn)
+
+    async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        creds: dict[uuid.UUID, Credential] = {}
+        fallback: dict[uuid.UUID, uuid.UUID] = {}
+        for cid, provider, base_url, ct, nonce, mkid, fallback_id in await (
+            await conn.execute(_LIVE_CREDENTIALS)
+        ).fetchall():
             secret = self._secret(cid, Sealed(bytes(ct), bytes(nonce), mkid))
-            if secret is None:
+            if secret is not None:
+                creds[cid] = Credential(cid, provider, upstream_for(base_url), secret)
+                if fallback_id is not None:
+                    fallback[cid] = fallback_id
+
+        def same_protocol(primary: Credential) -> Callable[[uuid.UUID], bool]:
+            return lambda c: c in creds and creds[c].provider == primary.provider
+
+        entries: dict[bytes, KeyEntry] = {}
+        for kid, prefix, digest, name, team, project, policy, expires, cid in await (
+            await conn.execute(_LIVE_KEYS)
+        ).fetchall():
+            cred = creds.get(cid)
+            if cred is None:  # revoked, or its secret would not open
                 continue
             entries[bytes(digest)] = KeyEntry(
                 key_id=kid,
@@ -79,10 +86,11 @@ class KeyStore:
                 project=project,
                 policy=policy,
                 expires_at=expires,
-                provider=provider,
+                provider=cred.provider,
                 credential_id=cid,
-                upstream=upstream_for(base_url),
-                secret=secret,
+                upstream=cred.upstream,
+                secret=cred.secret,
+                chain=tuple(creds[c] for c in follow_chain(cid, fallback, same_protocol(cred))),
             )
         self.table.replace(entries)
 

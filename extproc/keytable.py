@@ -7,7 +7,17 @@ import uuid
 from dataclasses import dataclass, field
 
 from extproc import wrapped_keys
-from extproc.upstreams import Upstream
+from extproc.upstreams import Upstream, failover_cluster
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A provider credential, decrypted: where it goes and the key it sends."""
+
+    id: uuid.UUID
+    provider: str
+    upstream: Upstream
+    secret: str = field(repr=False)  # never logged, never repr'd
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,18 @@ class KeyEntry:
     credential_id: uuid.UUID
     upstream: Upstream
     secret: str = field(repr=False)  # the real provider key: never logged, never repr'd
+    # The credentials to try in order when the primary fails (primary first); empty without
+    # failover. Requests then route to the chain's aggregate cluster.
+    chain: tuple[Credential, ...] = ()
+
+    @property
+    def route(self) -> str:
+        """The Envoy cluster requests on this key are routed to."""
+        return (
+            failover_cluster([c.upstream.cluster for c in self.chain])
+            if self.chain
+            else self.upstream.cluster
+        )
 
 
 class KeyTable:
@@ -32,10 +54,16 @@ class KeyTable:
 
     def __init__(self) -> None:
         self._by_digest: dict[bytes, KeyEntry] = {}
+        self._chains: dict[uuid.UUID, tuple[Credential, ...]] = {}
 
     def replace(self, entries: dict[bytes, KeyEntry]) -> None:
         """Swap in a freshly loaded table."""
         self._by_digest = entries
+        self._chains = {e.credential_id: e.chain for e in entries.values() if e.chain}
+
+    def chain(self, credential_id: uuid.UUID) -> tuple[Credential, ...]:
+        """The failover chain of a primary credential (empty if it has none)."""
+        return self._chains.get(credential_id, ())
 
     def __len__(self) -> int:
         return len(self._by_digest)

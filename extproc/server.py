@@ -19,6 +19,7 @@ from extproc.admission import Gatekeeper
 from extproc.budget_store import BudgetStore
 from extproc.crypto import load_keyring
 from extproc.exchange import Exchange, Limits
+from extproc.failover import UpstreamAttempt
 from extproc.keystore import KeyStore
 from extproc.keytable import KeyTable
 from extproc.metrics import Metrics, Sample
@@ -75,7 +76,7 @@ async def serve(opts: ServeOptions) -> None:
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(new_exchange, gatekeeper, metrics), server
+        ExternalProcessor(new_exchange, gatekeeper, metrics, lambda: UpstreamAttempt(table)), server
     )
     # Envoy health-checks each extproc process, so a restarting one is taken out of rotation
     # instead of answering its share of requests with 503s.

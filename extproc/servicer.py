@@ -12,6 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc import envoy_messages as msg
 from extproc.admission import Gatekeeper
 from extproc.exchange import Exchange
+from extproc.failover import HOST_METADATA, PHASE_METADATA, UpstreamAttempt
 from extproc.metrics import Metrics
 from extproc.policy.budgets import Admission
 
@@ -22,9 +23,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     """One gRPC stream per HTTP request; one Exchange per stream."""
 
     def __init__(
-        self, new_exchange: Callable[[], Exchange], gatekeeper: Gatekeeper, metrics: Metrics
+        self,
+        new_exchange: Callable[[], Exchange],
+        gatekeeper: Gatekeeper,
+        metrics: Metrics,
+        new_attempt: Callable[[], UpstreamAttempt],
     ) -> None:
         self._new_exchange = new_exchange
+        self._new_attempt = new_attempt
         self._gatekeeper = gatekeeper
         self._metrics = metrics
 
@@ -32,6 +38,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         """Answer every phase Envoy sends; finalise the request however the stream ends."""
+        if (PHASE_METADATA, "upstream") in (context.invocation_metadata() or ()):
+            async for resp in self._upstream(request_iterator):
+                yield resp
+            return
         ex = self._new_exchange()
         try:
             async for req in request_iterator:
@@ -63,6 +73,30 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return
         finally:
             ex.abandon()
+
+    async def _upstream(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest]
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        """One failover attempt: the credential for the cluster Envoy picked, then who answered."""
+        attempt = self._new_attempt()
+        async for req in request_iterator:
+            phase = req.WhichOneof("request")
+            if phase == "request_headers":
+                attrs = req.attributes.get("envoy.filters.http.ext_proc")
+                meta = (
+                    attrs.fields[HOST_METADATA].string_value
+                    if attrs and HOST_METADATA in attrs.fields
+                    else ""
+                )
+                reply = attempt.on_request_headers(msg.header_map(req.request_headers), meta)
+                yield msg.request_headers(reply)
+                if reply.immediate_status is not None:
+                    return
+            elif phase == "response_headers":
+                yield msg.response_headers(attempt.on_response_headers())
+                return
+            else:
+                yield _continue(phase)
 
 
 def _continue(phase: str | None) -> pb.ProcessingResponse:

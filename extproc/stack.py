@@ -22,7 +22,7 @@ import yaml
 from extproc import db, envoy_config
 from extproc.crypto import load_keyring
 from extproc.embedded_pg import EmbeddedPostgres
-from extproc.upstreams import Upstream, upstream_for
+from extproc.upstreams import Upstream, follow_chain, upstream_for
 
 log = structlog.get_logger("spendgate.stack")
 
@@ -68,7 +68,7 @@ class Stack:
         self._pg: EmbeddedPostgres | None = None
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._stop = threading.Event()
-        self._upstreams: list[Upstream] = []
+        self._upstreams: tuple[list[Upstream], list[list[str]]] = ([], [])
         self.dsn = ""
 
     @property
@@ -193,16 +193,27 @@ class Stack:
         except OSError:
             return False
 
-    def _wanted_upstreams(self) -> list[Upstream]:
+    def _wanted_upstreams(self) -> tuple[list[Upstream], list[list[str]]]:
+        """Provider clusters for every stored base URL, and the failover chains between them."""
         wanted = {u.cluster: u for u in envoy_config.default_upstreams()}
         with psycopg.connect(self.dsn, connect_timeout=3) as conn:
-            for (base_url,) in conn.execute("SELECT DISTINCT base_url FROM provider_credentials"):
-                up = upstream_for(base_url)
-                wanted.setdefault(up.cluster, up)
-        return sorted(wanted.values(), key=lambda u: u.cluster)
+            rows = conn.execute(
+                "SELECT id, provider, base_url, fallback_id FROM provider_credentials WHERE revoked_at IS NULL"
+            ).fetchall()
+        creds = {cid: (provider, upstream_for(url)) for cid, provider, url, _ in rows}
+        fallback = {cid: fid for cid, _, _, fid in rows if fid is not None}
+        for _, up in creds.values():
+            wanted.setdefault(up.cluster, up)
+        chains = []
+        for cid, (provider, _) in creds.items():
+            ids = follow_chain(cid, fallback, lambda c, p=provider: c in creds and creds[c][0] == p)  # type: ignore[misc]
+            members = [creds[c][1].cluster for c in ids]
+            if members and members not in chains:
+                chains.append(members)
+        return sorted(wanted.values(), key=lambda u: u.cluster), sorted(chains)
 
     def _write_cds(self, path: Path) -> None:
-        doc = envoy_config.cds_document(self._upstreams, certifi.where())
+        doc = envoy_config.cds_document(self._upstreams[0], certifi.where(), self._upstreams[1])
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         # Envoy watches the directory for a move onto the file: an atomic swap, never a half file.
@@ -217,7 +228,9 @@ class Stack:
         if wanted != self._upstreams:
             self._upstreams = wanted
             self._write_cds(self.run_dir / "cds.yaml")
-            log.info("envoy.clusters_updated", clusters=[u.cluster for u in wanted])
+            log.info(
+                "envoy.clusters_updated", clusters=[u.cluster for u in wanted[0]], failover=len(wanted[1])
+            )
 
     def serve_forever(self) -> int:
         """Block until a signal or a dead child; return the exit status."""

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
+
+K = TypeVar("K", bound=Hashable)
 
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com",
@@ -46,3 +50,21 @@ def upstream_for(base_url: str) -> Upstream:
             "up_" + re.sub(r"[^a-zA-Z0-9]+", "_", host) + f"_{port}" + ("_tls" if tls else "") + "_" + exact
         )
     return Upstream(name, host, port, tls, prefix)
+
+
+def failover_cluster(chain: list[str]) -> str:
+    """The Envoy aggregate cluster that tries `chain`'s clusters in order."""
+    return "fo_" + hashlib.sha256(",".join(chain).encode()).hexdigest()[:12]
+
+
+MAX_CHAIN = 4  # a primary and up to three fallbacks
+
+
+def follow_chain(start: K, fallback: dict[K, K], usable: Callable[[K], bool]) -> list[K]:
+    """`start`, then its fallbacks while they are usable, without cycles; [] when there are none."""
+    chain = [start]
+    nxt = fallback.get(start)
+    while nxt is not None and len(chain) < MAX_CHAIN and nxt not in chain and usable(nxt):
+        chain.append(nxt)
+        nxt = fallback.get(nxt)
+    return chain if len(chain) > 1 else []

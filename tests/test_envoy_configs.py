@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from extproc import envoy_config, shipped_configs
 from extproc.stack import envoy_binary
+from extproc.upstreams import upstream_for
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 
@@ -133,3 +134,13 @@ def test_provider_clusters_verify_upstream_tls_by_default() -> None:
             == cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["hostname"]
         )
         assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
+
+
+def test_failover_cluster_and_route_validate(tmp_path: Path) -> None:
+    ups = [upstream_for("https://api.openai.com"), upstream_for("https://backup.example.com/v1")]
+    opts = envoy_config.BootstrapOptions(
+        endpoints=[envoy_config.Endpoint("unix:/tmp/x.sock")], ca_file=certifi.where(), upstreams=ups
+    )
+    config = envoy_config.bootstrap(opts)
+    config["static_resources"]["clusters"].append(envoy_config.failover_cluster([u.cluster for u in ups]))
+    validate(config, tmp_path)
