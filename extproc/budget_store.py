@@ -32,7 +32,7 @@ LEASE_TTL = dt.timedelta(minutes=15)
 _TRUST = LEASE_TTL.total_seconds() / 2  # a slice not renewed for this long is not used
 _IDLE_RETURN = 2.0  # seconds a slice may sit unused before it is handed back
 _PER_REQUEST_BELOW = 20  # remaining budget, in worst-case requests, under which slices are one request
-_SLICE_REQUESTS = 50  # otherwise a slice is this many requests' worst case, at most a tenth of what is left
+_SLICE_REQUESTS = 200  # otherwise a slice is this many requests' worst case, at most a tenth of what is left
 
 _ENSURE = """
 INSERT INTO budget_counters (budget_key, policy, scope, period, period_start, period_end, limit_usd)

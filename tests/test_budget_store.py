@@ -11,7 +11,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from extproc.budget_store import BudgetStore
+from extproc.budget_store import _SLICE_REQUESTS, BudgetStore
 from extproc.policy.budgets import Admission, Hold, Settlement
 from tests.support import migrated_database
 
@@ -56,7 +56,7 @@ async def test_a_roomy_budget_is_leased_in_a_slice_of_many_requests(dsn: str, st
     for _ in range(10):
         assert await store.reserve(admission(h)) is None
     _, reserved = counter(dsn, h)
-    assert reserved == AMOUNT * 50  # one slice covered all ten: one round trip, not ten
+    assert reserved == AMOUNT * _SLICE_REQUESTS  # one slice covered all ten: one round trip, not ten
 
 
 async def test_a_nearly_spent_budget_is_reserved_one_request_at_a_time(dsn: str, store: BudgetStore) -> None:

@@ -25,10 +25,21 @@ policies:
       deny: ["forbidden-*"]
     aliases:
       fast: fake-openai-model
+    routing:
+      downgrade:
+        - {model: "big-model", to: "fake-openai-model", max_input_tokens: 50}
+      split:
+        - model: "either-model"
+          to: [{model: "fake-openai-model", weight: 1}, {model: "fake-gemini-model", weight: 1}]
     transforms:
       max_tokens: 64
       system_prompt: "Answer in French."
       tags: {cost_center: cc-7}
+  - name: policy-team-shadow
+    applies_to: {team: policy-team}
+    shadow: true
+    models:
+      deny: ["fake-openai-*"]
 """
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -149,3 +160,33 @@ def test_policy_edit_takes_effect_without_restart_and_a_broken_edit_is_refused(
         assert "spendgate_policy_reload_failures_total 0" not in metrics
     finally:
         (policy_dir / "team.yaml").write_text(original)
+
+
+def test_short_request_for_a_big_model_is_downgraded(pstack: Stack, fake: FakeProvider, key: Issued) -> None:
+    oa(pstack, key).chat.completions.create(model="big-model", messages=MESSAGES)
+    (req,) = seen_by_provider(fake, key)
+    assert req.json()["model"] == "fake-openai-model"
+
+
+def test_long_request_for_a_big_model_keeps_it(pstack: Stack, fake: FakeProvider, key: Issued) -> None:
+    long = [{"role": "user", "content": " ".join(["word"] * 200)}]
+    oa(pstack, key).chat.completions.create(model="big-model", messages=long)
+    (req,) = seen_by_provider(fake, key)
+    assert req.json()["model"] == "big-model"
+
+
+def test_weighted_split_sends_requests_to_both_models(pstack: Stack, fake: FakeProvider, key: Issued) -> None:
+    client = oa(pstack, key)
+    for _ in range(30):
+        client.chat.completions.create(model="either-model", messages=MESSAGES)
+    assert {r.json()["model"] for r in seen_by_provider(fake, key)} == {
+        "fake-openai-model",
+        "fake-gemini-model",
+    }
+
+
+def test_shadow_policy_logs_what_it_would_refuse_and_refuses_nothing(pstack: Stack, key: Issued) -> None:
+    oa(pstack, key).chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+    (row,) = usage_rows(pstack, key.key_id)
+    assert row["status"] == 200
+    assert "policy.shadow_rejection" in pstack.logs() and "policy-team-shadow" in pstack.logs()
