@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 
 from extproc import wrapped_keys
 from extproc.crypto import Keyring, Sealed
+from extproc.db import fetch_dicts
 from extproc.keystore import CHANGES_CHANNEL, credential_aad
 from extproc.upstreams import DEFAULT_BASE_URLS, upstream_for
 
@@ -87,13 +88,12 @@ def _fallback_id(conn: psycopg.Connection[Any], provider: str, fallback: str) ->
 
 def list_providers(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Credentials without their secrets."""
-    cur = conn.execute(
+    return fetch_dicts(
+        conn,
         "SELECT c.id, c.provider, c.name, c.base_url, f.name AS fallback, c.master_key_id, c.created_at,"
         " c.revoked_at FROM provider_credentials c LEFT JOIN provider_credentials f ON f.id = c.fallback_id"
-        " ORDER BY c.created_at"
+        " ORDER BY c.created_at",
     )
-    cols = [c.name for c in cur.description or []]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def revoke_provider(conn: psycopg.Connection[Any], name: str) -> None:
@@ -170,15 +170,14 @@ def _insert_key(
 
 def list_keys(conn: psycopg.Connection[Any], include_revoked: bool = False) -> list[dict[str, Any]]:
     """Keys with their visible prefix only."""
-    cur = conn.execute(
+    return fetch_dicts(
+        conn,
         "SELECT k.id, k.prefix, k.name, k.team, k.project, c.name AS provider_credential, k.policy,"
         " k.created_at, k.expires_at, k.revoked_at FROM api_keys k JOIN provider_credentials c"
         " ON c.id = k.credential_id"
         + ("" if include_revoked else " WHERE k.revoked_at IS NULL")
-        + " ORDER BY k.created_at"
+        + " ORDER BY k.created_at",
     )
-    cols = [c.name for c in cur.description or []]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def _find_key(conn: psycopg.Connection[Any], ref: str) -> tuple[Any, ...]:

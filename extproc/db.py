@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 MIGRATIONS_LOCK = 72_851_001  # advisory lock id: one migrator at a time across replicas
 
@@ -81,3 +82,11 @@ def ensure_partitions_now(dsn: str) -> None:
     """ensure_partitions on a connection of its own, for periodic housekeeping."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         ensure_partitions(conn, dt.datetime.now(dt.UTC).date())
+
+
+def fetch_dicts(
+    conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] = ()
+) -> list[dict[str, Any]]:
+    """Rows of a query as dicts keyed by column name."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.encode(), params).fetchall()

@@ -19,6 +19,16 @@ _T = "type.googleapis.com/envoy."
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Big enough for a buffered 8 MiB request body and a large JSON response (embeddings).
 BUFFER_LIMIT = 16 * 1024 * 1024
+# Headers both ways only: the downstream filter asks per request for the bodies it needs, and
+# the per-attempt failover filter needs no body at all.
+_HEADERS_ONLY = {
+    "request_header_mode": "SEND",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP",
+}
 _NOT_AUTHORISED = (
     '{"error":{"message":"request was not authorised by the Spendgate filter","type":"api_error",'
     '"code":"spendgate_unavailable"}}'
@@ -54,15 +64,7 @@ def ext_proc_filter(message_timeout_ms: int = 2000) -> dict[str, Any]:
             "status_on_error": {"code": 503},
             "message_timeout": f"{message_timeout_ms / 1000:g}s",
             "allow_mode_override": True,
-            # Headers both ways only; the filter asks per request for the bodies it needs.
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
+            "processing_mode": _HEADERS_ONLY,
         },
     }
 
@@ -202,14 +204,7 @@ def failover_cluster(members: list[str]) -> dict[str, Any]:
                             "failure_mode_allow": False,
                             "status_on_error": {"code": 503},
                             "request_attributes": [HOST_METADATA],
-                            "processing_mode": {
-                                "request_header_mode": "SEND",
-                                "response_header_mode": "SEND",
-                                "request_body_mode": "NONE",
-                                "response_body_mode": "NONE",
-                                "request_trailer_mode": "SKIP",
-                                "response_trailer_mode": "SKIP",
-                            },
+                            "processing_mode": _HEADERS_ONLY,
                         },
                     },
                     {

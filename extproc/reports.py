@@ -8,6 +8,8 @@ from typing import Any
 
 import psycopg
 
+from extproc.db import fetch_dicts
+
 GROUPS = {
     "key": "coalesce(k.prefix, 'unknown')",
     "team": "coalesce(u.team, '-')",
@@ -33,20 +35,17 @@ def usage_report(conn: psycopg.Connection[Any], by: str, since: dt.datetime) -> 
         WHERE u.ts >= %s
         GROUP BY 1 ORDER BY cost_usd DESC, 1
     """
-    cur = conn.execute(sql.encode(), (since,))
-    cols = [c.name for c in cur.description or []]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    return fetch_dicts(conn, sql, (since,))
 
 
 def budget_report(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Budget counters of the periods in progress: limit, spent, reserved (leases included), left."""
-    cur = conn.execute(
+    return fetch_dicts(
+        conn,
         "SELECT policy, scope, period, limit_usd, spent_usd, reserved_usd,"
         " greatest(limit_usd - spent_usd - reserved_usd, 0) AS left_usd, period_end AS resets"
-        " FROM budget_counters WHERE period_end > now() ORDER BY policy, scope, period"
+        " FROM budget_counters WHERE period_end > now() ORDER BY policy, scope, period",
     )
-    cols = [c.name for c in cur.description or []]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
