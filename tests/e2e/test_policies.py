@@ -160,6 +160,19 @@ def test_policy_edit_takes_effect_without_restart_and_a_broken_edit_is_refused(
         assert "spendgate_policy_reload_failures_total 0" not in metrics
     finally:
         (policy_dir / "team.yaml").write_text(original)
+        _wait_until_served(client)
+
+
+def _wait_until_served(client: openai.OpenAI) -> None:
+    """Until the restored policy is back in force, so the tests after this one see it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+            return
+        except openai.PermissionDeniedError:
+            time.sleep(0.2)
+    raise AssertionError("the restored policy did not come back into force")
 
 
 def test_short_request_for_a_big_model_is_downgraded(pstack: Stack, fake: FakeProvider, key: Issued) -> None:
