@@ -193,14 +193,12 @@ class Issued:
     key_id: uuid.UUID
 
 
-def issue_key(
-    stack: Stack, provider: str, base_url: str, *, team: str = "team-a", project: str = "proj-x"
-) -> Issued:
-    """A new credential (its secret fed on stdin, as users do) and a wrapped key for it."""
-    credential = f"{provider}-{secrets.token_hex(3)}"
-    secret = {"openai": "sk-test-", "anthropic": "sk-ant-test-", "gemini": "AIzaTest"}[
-        provider
-    ] + secrets.token_hex(16)
+_SECRET_SHAPES = {"openai": "sk-test-", "anthropic": "sk-ant-test-", "gemini": "AIzaTest"}
+
+
+def add_credential(stack: Stack, provider: str, name: str, base_url: str, *extra: str) -> str:
+    """A provider credential with a secret made now, fed on stdin as users do; returns the secret."""
+    secret = _SECRET_SHAPES[provider] + secrets.token_hex(16)
     stack.secrets.append(secret)
     stack.cli(
         "providers",
@@ -208,11 +206,21 @@ def issue_key(
         "--provider",
         provider,
         "--name",
-        credential,
+        name,
         "--base-url",
         base_url,
+        *extra,
         input=secret + "\n",
     )
+    return secret
+
+
+def issue_key(
+    stack: Stack, provider: str, base_url: str, *, team: str = "team-a", project: str = "proj-x"
+) -> Issued:
+    """A new credential and a wrapped key for it."""
+    credential = f"{provider}-{secrets.token_hex(3)}"
+    secret = add_credential(stack, provider, credential, base_url)
     import json
 
     out = json.loads(

@@ -10,25 +10,7 @@ import openai
 
 from tests.e2e.helpers import auth_of
 from tests.fakeprovider import FakeProvider
-from tests.support import Stack, usage_rows, wait_until_key_live
-
-
-def add_credential(stack: Stack, name: str, base_url: str, *extra: str) -> str:
-    secret = "sk-test-" + secrets.token_hex(16)
-    stack.secrets.append(secret)
-    stack.cli(
-        "providers",
-        "add",
-        "--provider",
-        "openai",
-        "--name",
-        name,
-        "--base-url",
-        base_url,
-        *extra,
-        input=secret + "\n",
-    )
-    return secret
+from tests.support import Stack, add_credential, usage_rows, wait_until_key_live
 
 
 def test_primary_killed_mid_test_every_request_is_served_by_the_fallback(
@@ -36,9 +18,9 @@ def test_primary_killed_mid_test_every_request_is_served_by_the_fallback(
 ) -> None:
     primary = FakeProvider().start()
     tag = secrets.token_hex(3)
-    fallback_secret = add_credential(stack, f"fallback-{tag}", fake.base_url)
+    fallback_secret = add_credential(stack, "openai", f"fallback-{tag}", fake.base_url)
     primary_secret = add_credential(
-        stack, f"primary-{tag}", primary.base_url, "--fallback", f"fallback-{tag}"
+        stack, "openai", f"primary-{tag}", primary.base_url, "--fallback", f"fallback-{tag}"
     )
     out = json.loads(
         stack.cli("keys", "create", "--name", f"fo-{tag}", "--provider", f"primary-{tag}", "--json").stdout

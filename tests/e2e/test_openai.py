@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 
 import httpx
 import openai
@@ -179,7 +180,7 @@ def test_unknown_key_raises_authentication_error_and_never_reaches_the_provider(
 def test_raw_provider_key_is_refused_not_forwarded(stack: Stack, fake: FakeProvider) -> None:
     before = len(fake.requests)
     with pytest.raises(openai.AuthenticationError):
-        client(stack, "sk-test-not-a-wrapped-key-0000").chat.completions.create(model=MODEL, messages=[])
+        client(stack, "sk-test-" + secrets.token_hex(16)).chat.completions.create(model=MODEL, messages=[])
     assert len(fake.requests) == before
 
 
