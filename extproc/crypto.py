@@ -84,10 +84,6 @@ class Keyring:
         except Exception as exc:  # InvalidTag carries no message; keep the cause, name the key
             raise MasterKeyError(f"secret does not authenticate under key {sealed.master_key_id}") from exc
 
-    def can_open(self, key_id: str) -> bool:
-        """Whether this ring holds the key with that id."""
-        return key_id in self._by_id()
-
 
 def load_keyring(home: Path, *, create: bool = False) -> Keyring:
     """Build the keyring from the environment or the key file under `home`.

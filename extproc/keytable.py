@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from extproc import wrapped_keys
 from extproc.upstreams import Upstream, failover_cluster
@@ -39,7 +40,7 @@ class KeyEntry:
     # failover. Requests then route to the chain's aggregate cluster.
     chain: tuple[Credential, ...] = ()
 
-    @property
+    @cached_property
     def route(self) -> str:
         """The Envoy cluster requests on this key are routed to."""
         return (

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from extproc.usage import Usage
@@ -69,9 +67,3 @@ class PriceTable(BaseModel):
             + usage.output_tokens * price.output
         )
         return total / PER_MILLION
-
-
-def load_price_table(path: Path) -> PriceTable:
-    """Read and validate a pricing file."""
-    with path.open() as f:
-        return PriceTable.model_validate(yaml.safe_load(f))

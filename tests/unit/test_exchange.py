@@ -14,9 +14,8 @@ from extproc import wrapped_keys
 from extproc.exchange import Exchange, Limits, parse_tags
 from extproc.keytable import KeyEntry, KeyTable
 from extproc.policy.budgets import Settlement
-from extproc.policy.loader import PolicySet
+from extproc.policy.loader import PolicySet, load_policy_dir
 from extproc.policy.schema import Policy
-from extproc.pricing import load_price_table
 from extproc.upstreams import upstream_for
 from extproc.usage import Usage, UsageRecord
 
@@ -43,7 +42,7 @@ class World:
         )
         self.table.replace({wrapped_keys.digest(self.key): self.entry})
         self.records: list[UsageRecord] = []
-        self.current = PolicySet(load_price_table(REPO / "policies" / "pricing.yaml"), ())
+        self.current = PolicySet(load_policy_dir(REPO / "policies").prices, ())
 
     def with_policies(self, *docs: dict[str, object]) -> World:
         self.current = PolicySet(self.current.prices, tuple(Policy.model_validate(d) for d in docs))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc.pricing import PriceTable, load_price_table
+from extproc.policy.loader import load_policy_dir
+from extproc.pricing import PriceTable
 from extproc.usage import Usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def test_float_prices_in_yaml_are_read_as_their_decimal_text() -> None:
 
 
 def test_shipped_price_table_loads_and_covers_each_provider() -> None:
-    t = load_price_table(REPO / "policies" / "pricing.yaml")
+    t = load_policy_dir(REPO / "policies").prices
     assert {m.provider for m in t.models.values()} == {"openai", "anthropic", "gemini"}
     assert t.lookup("gpt-4o") is not None
     assert t.lookup("claude-sonnet-4-5-20250929") is not None
