@@ -40,7 +40,15 @@ VALUES (%s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (budget_key) DO UPDATE SET limit_usd = EXCLUDED.limit_usd
   WHERE budget_counters.limit_usd <> EXCLUDED.limit_usd
 """
+# Lock order, everywhere: counters first, by budget_key, then lease rows. Taking a lease row
+# before its counter (as settling once did) deadlocks against a concurrent refill.
 _LOCK = "SELECT spent_usd, reserved_usd, limit_usd FROM budget_counters WHERE budget_key = %s FOR UPDATE"
+_LOCK_ALL = "SELECT 1 FROM budget_counters WHERE budget_key = ANY(%s) ORDER BY budget_key FOR UPDATE"
+_LOCK_EXPIRED = """
+SELECT 1 FROM budget_counters WHERE budget_key IN (
+  SELECT budget_key FROM budget_reservations WHERE expires_at < now()
+) ORDER BY budget_key FOR UPDATE
+"""
 _GRANT_ROW = """
 INSERT INTO budget_reservations (request_id, budget_key, amount, expires_at) VALUES (%s, %s, %s, %s)
 ON CONFLICT (request_id, budget_key)
@@ -237,6 +245,7 @@ class BudgetStore:
         expires = dt.datetime.now(dt.UTC) + LEASE_TTL
         try:
             async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(_LOCK_ALL, (sorted(spent),))
                 for key in sorted(spent):
                     out = spent[key] + refunds.get(key, Decimal(0))
                     lease = await (
@@ -273,6 +282,7 @@ class BudgetStore:
         expires = dt.datetime.now(dt.UTC) + LEASE_TTL
         try:
             async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(_LOCK_ALL, (sorted(give),))
                 for key in sorted(give):
                     lease = await (
                         await conn.execute(_SHRINK_ROW, (give[key], expires, self._lease_id, key))
@@ -300,7 +310,8 @@ class BudgetStore:
     async def sweep(self) -> None:
         """Release the leases of replicas that died (expired and never renewed)."""
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
-            async with self._pool.connection() as conn:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(_LOCK_EXPIRED)
                 released = await (await conn.execute(_RELEASE_EXPIRED)).fetchall()
                 if released:
                     log.warning("budget.expired_leases_released", counters=len(released))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 
 import psycopg
@@ -114,3 +114,56 @@ async def test_leases_of_a_replica_that_died_are_released_by_the_sweep(dsn: str,
     await store.sweep()
     assert counter(dsn, h) == (0, 0)
     await dead._pool.close()  # it "died": closed without handing anything back
+
+
+async def lease_row_free_while_counter_held(dsn: str, h: Hold, work: Callable[[], Awaitable[None]]) -> bool:
+    """Hold `h`'s counter lock while `work` runs; whether its lease row stayed unlocked meanwhile.
+
+    Every writer takes counters before lease rows; one that took the lease row first would
+    deadlock against a refill, which locks the counter and then writes its lease row.
+    """
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("SELECT 1 FROM budget_counters WHERE budget_key = %s FOR UPDATE", (h.budget_key,))
+        task = asyncio.create_task(work())
+        await asyncio.sleep(0.3)  # `work` is now waiting on the counter, holding whatever it took before
+        try:
+            await conn.execute(
+                "SELECT 1 FROM budget_reservations WHERE budget_key = %s FOR UPDATE NOWAIT", (h.budget_key,)
+            )
+            free = True
+        except psycopg.errors.LockNotAvailable:
+            free = False
+        await conn.rollback()
+    await task
+    return free
+
+
+async def test_settling_locks_the_counter_before_the_lease_row(dsn: str, store: BudgetStore) -> None:
+    h = hold("100")
+    adm = admission(h)
+    await store.reserve(adm)
+    store.settle(Settlement(adm, Decimal("0.004"), 0, True))
+    assert await lease_row_free_while_counter_held(dsn, h, store.flush)
+    assert counter(dsn, h)[0] == Decimal("0.004")
+
+
+async def test_handing_back_locks_the_counter_before_the_lease_row(dsn: str, store: BudgetStore) -> None:
+    h = hold("100")
+    await store.reserve(admission(h))
+    assert await lease_row_free_while_counter_held(dsn, h, lambda: store._hand_back([h.budget_key]))
+    assert counter(dsn, h)[1] == AMOUNT  # only the promised request's share stays reserved
+
+
+async def test_the_sweep_locks_the_counter_before_the_lease_row(dsn: str, store: BudgetStore) -> None:
+    h = hold("100")
+    dead = BudgetStore(dsn)
+    await dead.open()
+    await dead.reserve(admission(h))
+    await dead._pool.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE budget_reservations SET expires_at = now() - interval '1 s' WHERE budget_key = %s",
+            (h.budget_key,),
+        )
+    assert await lease_row_free_while_counter_held(dsn, h, store.sweep)
+    assert counter(dsn, h) == (0, 0)
