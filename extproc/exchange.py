@@ -23,8 +23,8 @@ import structlog
 
 from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
-from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling, holds_for
-from extproc.policy.evaluate import Decision, Subject, decide
+from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling
+from extproc.policy.evaluate import Binding, Decision, decide
 from extproc.policy.limits import Throttle, charges_for, window
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
@@ -211,7 +211,6 @@ class Exchange:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
             return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
-
         reply = Reply(
             remove_headers=[h for h in _STRIP_ALWAYS if h in headers],
             set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.route)],
@@ -245,29 +244,33 @@ class Exchange:
             self._request = self._provider.parse_request(self._api, self._path, body)
         except BadRequest as exc:
             return self.reject(400, str(exc))
-        reply, decision = self._apply_policies(self._request)
+        assert self._entry is not None
+        binding = self._set.binding(self._entry.subject)
+        reply, decision = self._apply_policies(binding, self._request)
         if reply.immediate_status is not None or decision is None:
             return reply
         if self._request.rewritten is not None:
             reply.body = self._request.rewritten
             reply.set_headers.append(("content-length", str(len(self._request.rewritten))))
-        if decision.budgets or decision.rate_limits:
-            return self._admission_for(self._request, decision, reply)
+        if binding.budgets or binding.rate_limits:
+            return self._admission_for(self._request, binding, decision, reply)
         return reply
 
-    def _admission_for(self, req: ParsedRequest, decision: Decision, reply: Reply) -> Reply | Admission:
+    def _admission_for(
+        self, req: ParsedRequest, binding: Binding, decision: Decision, reply: Reply
+    ) -> Reply | Admission:
         """Rate-limit charges and the worst-case cost to reserve on every budget covering this key."""
         assert self._entry is not None and self._provider is not None
         e, now = self._entry, dt.datetime.now(dt.UTC)
-        holds = holds_for(decision.budgets, str(e.key_id), e.team, e.project, now)
-        if not holds and not decision.rate_limits:
+        holds = binding.holds(now)
+        if not holds and not binding.rate_limits:
             return reply
         input_tokens = self._counted_input(req)
         ceilings = [m for m in (req.max_tokens, decision.max_tokens) if m is not None]
         max_out = min(ceilings) if ceilings else None
         price = self._set.prices.lookup(decision.model)
         reserved_out = max_out if max_out is not None else (price.max_output_tokens if price else 0)
-        charges = charges_for(decision.rate_limits, str(e.key_id), e.team, input_tokens + reserved_out)
+        charges = charges_for(binding.rate_limits, e.subject.key_id, e.team, input_tokens + reserved_out)
         amount = Decimal(0)
         if holds:
             cost = ceiling(self._set.prices, decision.model, input_tokens, max_out)
@@ -289,13 +292,11 @@ class Exchange:
             self._input_tokens = count_prompt(self._provider, self._api, req.body)
         return self._input_tokens
 
-    def _apply_policies(self, req: ParsedRequest) -> tuple[Reply, Decision | None]:
+    def _apply_policies(self, binding: Binding, req: ParsedRequest) -> tuple[Reply, Decision | None]:
         """Model rules, routing and transforms of the policies bound to this key."""
-        assert self._entry is not None and self._provider is not None
-        e = self._entry
+        assert self._provider is not None
         decision = decide(
-            self._set.policies,
-            Subject(e.name, e.prefix, e.team, e.project, e.policy),
+            binding,
             req.model,
             input_tokens=lambda: self._counted_input(req),
             draw=random.random(),

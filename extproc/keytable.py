@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from extproc import wrapped_keys
+from extproc.policy.evaluate import Subject
 from extproc.upstreams import Upstream, failover_cluster
 
 
@@ -39,6 +40,11 @@ class KeyEntry:
     # The credentials to try in order when the primary fails (primary first); empty without
     # failover. Requests then route to the chain's aggregate cluster.
     chain: tuple[Credential, ...] = ()
+
+    @cached_property
+    def subject(self) -> Subject:
+        """The caller, as policies see it."""
+        return Subject(str(self.key_id), self.name, self.prefix, self.team, self.project, self.policy)
 
     @cached_property
     def route(self) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from extproc.policy.budgets import Hold, holds_for
 from extproc.policy.schema import Budget, Policy, RateLimit
 
 
@@ -13,6 +15,7 @@ from extproc.policy.schema import Budget, Policy, RateLimit
 class Subject:
     """Who is calling, as the key table knows it."""
 
+    key_id: str
     key_name: str
     key_prefix: str
     team: str | None
@@ -29,9 +32,7 @@ class Decision:
     shadow: list[str] = field(default_factory=list)  # what shadow policies would have rejected
     max_tokens: int | None = None
     system_prompt: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    budgets: list[tuple[Policy, Budget]] = field(default_factory=list)
-    rate_limits: list[tuple[Policy, RateLimit]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # shared with the Binding: read only
 
 
 def binds(policy: Policy, who: Subject) -> bool:
@@ -46,45 +47,80 @@ def binds(policy: Policy, who: Subject) -> bool:
     )
 
 
+class Binding:
+    """What the policies bound to one caller decide whatever the request: worked out once per
+    policy set and caller (see `PolicySet.binding`), then shared by that caller's requests."""
+
+    def __init__(self, policies: tuple[Policy, ...], who: Subject) -> None:
+        self.who = who
+        # Broad first, so that narrower policies override broader ones.
+        self.policies = tuple(
+            sorted((p for p in policies if binds(p, who)), key=lambda p: p.applies_to.specificity)
+        )
+        self.aliases: dict[str, str] = {}
+        self.max_tokens: int | None = None
+        self.system_prompt: str | None = None
+        self.tags: dict[str, str] = {}
+        self.budgets: list[tuple[Policy, Budget]] = []
+        self.rate_limits: list[tuple[Policy, RateLimit]] = []
+        for p in self.policies:
+            self.aliases.update(p.aliases)
+            t = p.transforms
+            if t.max_tokens is not None:
+                # Clamps combine to the tightest: a broad cap can't be loosened by a narrow policy.
+                self.max_tokens = (
+                    t.max_tokens if self.max_tokens is None else min(self.max_tokens, t.max_tokens)
+                )
+            if t.system_prompt is not None:
+                self.system_prompt = t.system_prompt
+            self.tags.update(t.tags)
+            self.budgets += [(p, b) for b in p.budgets]
+            self.rate_limits += [(p, r) for r in p.rate_limits]
+        self._holds: tuple[dt.date, tuple[Hold, ...]] | None = None
+
+    def holds(self, now: dt.datetime) -> tuple[Hold, ...]:
+        """The budget counters this caller's requests fit in at `now` (a UTC time).
+
+        Every period starts at a UTC midnight, so the counters change only with the date.
+        """
+        day = now.date()
+        if self._holds is None or self._holds[0] != day:
+            w = self.who
+            self._holds = (day, holds_for(self.budgets, w.key_id, w.team, w.project, now))
+        return self._holds[1]
+
+
 def decide(
-    policies: tuple[Policy, ...],
-    who: Subject,
+    binding: Binding,
     model: str | None,
     *,
     input_tokens: Callable[[], int] = lambda: 0,
     draw: float = 0.0,
 ) -> Decision:
-    """Apply every policy bound to `who`: routing, model rules, transforms, budgets, limits.
+    """Apply the bound policies to one request: routing, model rules and transforms.
 
     `input_tokens` is called only if a downgrade rule needs the count; `draw`, uniform in [0, 1),
     picks the branch of a weighted split (the caller supplies the randomness).
     """
-    bound = sorted((p for p in policies if binds(p, who)), key=lambda p: p.applies_to.specificity)
-    aliases: dict[str, str] = {}
-    for p in bound:  # narrower policies override broader ones
-        aliases.update(p.aliases)
-    d = Decision(model=_route(bound, aliases.get(model, model) if model else model, input_tokens, draw))
-    for p in bound:
+    b = binding
+    d = Decision(
+        model=_route(b.policies, b.aliases.get(model, model) if model else model, input_tokens, draw),
+        max_tokens=b.max_tokens,
+        system_prompt=b.system_prompt,
+        tags=b.tags,
+    )
+    for p in b.policies:
         reason = _model_refusal(p, d.model)
         if reason is not None:
             if p.shadow:
                 d.shadow.append(reason)
             elif d.reject is None:
                 d.reject = reason
-        t = p.transforms
-        if t.max_tokens is not None:
-            # Clamps combine to the tightest: a broad cap can't be loosened by a narrow policy.
-            d.max_tokens = t.max_tokens if d.max_tokens is None else min(d.max_tokens, t.max_tokens)
-        if t.system_prompt is not None:
-            d.system_prompt = t.system_prompt
-        d.tags.update(t.tags)
-        d.budgets += [(p, b) for b in p.budgets]
-        d.rate_limits += [(p, r) for r in p.rate_limits]
     return d
 
 
 def _route(
-    bound: list[Policy], model: str | None, input_tokens: Callable[[], int], draw: float
+    bound: tuple[Policy, ...], model: str | None, input_tokens: Callable[[], int], draw: float
 ) -> str | None:
     """The narrowest matching downgrade (when the input is small enough), then split."""
     if model is None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from extproc.policy.evaluate import Binding, Subject
 from extproc.policy.schema import Policy, PolicyFile
 from extproc.pricing import PriceTable
 
 PRICING_FILE = "pricing.yaml"
+_MAX_BINDINGS = 10_000
 
 
 class PolicyError(Exception):
@@ -30,6 +32,16 @@ class PolicySet:
 
     prices: PriceTable
     policies: tuple[Policy, ...]
+    _bindings: dict[Subject, Binding] = field(default_factory=dict, compare=False, repr=False)
+
+    def binding(self, who: Subject) -> Binding:
+        """The policies bound to `who`, merged once per set (a reload makes a new set)."""
+        b = self._bindings.get(who)
+        if b is None:
+            if len(self._bindings) >= _MAX_BINDINGS:
+                self._bindings.clear()  # many short-lived keys: start over rather than grow
+            b = self._bindings[who] = Binding(self.policies, who)
+        return b
 
 
 def _line(node: yaml.Node | None, loc: Sequence[int | str]) -> int:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from extproc.policy.evaluate import Subject, decide
-from extproc.policy.loader import PolicyError, load_policy_dir
+from extproc.policy.evaluate import Binding, Subject, decide
+from extproc.policy.loader import PolicyError, PolicySet, load_policy_dir
 from extproc.policy.schema import Policy
 from extproc.policy.store import PolicyStore
 from extproc.providers import PROVIDERS
@@ -17,7 +18,7 @@ from extproc.providers.base import Change
 from tests.unit.test_exchange import World, headers
 
 REPO = Path(__file__).resolve().parents[2]
-WHO = Subject("billing-svc", "sg-abcd1234", "payments", "checkout", None)
+WHO = Subject("key-1", "billing-svc", "sg-abcd1234", "payments", "checkout", None)
 
 
 def policy(**kw: object) -> Policy:
@@ -92,31 +93,48 @@ def test_shipped_policy_directory_is_valid() -> None:
 # -- decisions ----------------------------------------------------------------------------------
 def test_policy_for_another_team_does_not_bind() -> None:
     p = Policy.model_validate({"name": "p", "applies_to": {"team": "other"}, "models": {"deny": ["*"]}})
-    assert decide((p,), WHO, "gpt-4o").reject is None
+    assert decide(Binding((p,), WHO), "gpt-4o").reject is None
 
 
 def test_policy_named_on_the_key_binds_it() -> None:
     p = Policy.model_validate({"name": "strict", "applies_to": {"team": "other"}, "models": {"deny": ["*"]}})
-    who = Subject("k", "sg-x", None, None, "strict")
-    assert decide((p,), who, "gpt-4o").reject is not None
+    who = Subject("key-2", "k", "sg-x", None, None, "strict")
+    assert decide(Binding((p,), who), "gpt-4o").reject is not None
+
+
+def test_a_policy_set_binds_each_caller_once() -> None:
+    s = PolicySet(World().current.prices, (policy(transforms={"max_tokens": 10}),))
+    assert s.binding(WHO) is s.binding(WHO)
+    reloaded = PolicySet(s.prices, (policy(transforms={"max_tokens": 5}),))
+    assert reloaded.binding(WHO).max_tokens == 5  # a reload binds afresh
+
+
+def test_budget_counters_of_a_binding_follow_the_utc_date() -> None:
+    b = Binding((policy(budgets=[{"period": "day", "limit_usd": "1", "per": "key"}]),), WHO)
+    today = dt.datetime(2026, 11, 27, 23, 59, tzinfo=dt.UTC)
+    assert [h.budget_key for h in b.holds(today)] == ["p/day/key:key-1/2026-11-27"]
+    tomorrow = today + dt.timedelta(minutes=1)
+    assert [h.budget_key for h in b.holds(tomorrow)] == ["p/day/key:key-1/2026-11-28"]
 
 
 def test_denied_model_is_rejected_with_the_rule_named() -> None:
-    d = decide((policy(models={"deny": ["gpt-4o*"]}),), WHO, "gpt-4o-mini")
+    d = decide(Binding((policy(models={"deny": ["gpt-4o*"]}),), WHO), "gpt-4o-mini")
     assert d.reject is not None and "gpt-4o*" in d.reject
 
 
 def test_model_outside_the_allow_list_is_rejected() -> None:
-    assert decide((policy(models={"allow": ["claude-*"]}),), WHO, "gpt-4o").reject is not None
+    assert decide(Binding((policy(models={"allow": ["claude-*"]}),), WHO), "gpt-4o").reject is not None
 
 
 def test_shadow_policy_records_but_does_not_reject() -> None:
-    d = decide((policy(shadow=True, models={"deny": ["*"]}),), WHO, "gpt-4o")
+    d = decide(Binding((policy(shadow=True, models={"deny": ["*"]}),), WHO), "gpt-4o")
     assert d.reject is None and len(d.shadow) == 1
 
 
 def test_alias_routes_to_the_real_model_before_rules_apply() -> None:
-    d = decide((policy(aliases={"fast": "gpt-4o-mini"}, models={"allow": ["gpt-4o-mini"]}),), WHO, "fast")
+    d = decide(
+        Binding((policy(aliases={"fast": "gpt-4o-mini"}, models={"allow": ["gpt-4o-mini"]}),), WHO), "fast"
+    )
     assert (d.model, d.reject) == ("gpt-4o-mini", None)
 
 
@@ -125,7 +143,7 @@ def test_max_tokens_clamps_combine_to_the_tightest() -> None:
     narrow = Policy.model_validate(
         {"name": "k", "applies_to": {"key": "billing-svc"}, "transforms": {"max_tokens": 900}}
     )
-    assert decide((wide, narrow), WHO, "m").max_tokens == 500
+    assert decide(Binding((wide, narrow), WHO), "m").max_tokens == 500
 
 
 def test_narrowest_system_prompt_wins() -> None:
@@ -133,7 +151,7 @@ def test_narrowest_system_prompt_wins() -> None:
     narrow = Policy.model_validate(
         {"name": "t", "applies_to": {"team": "payments"}, "transforms": {"system_prompt": "team"}}
     )
-    assert decide((narrow, wide), WHO, "m").system_prompt == "team"
+    assert decide(Binding((narrow, wide), WHO), "m").system_prompt == "team"
 
 
 # -- transforms per provider --------------------------------------------------------------------
@@ -206,12 +224,12 @@ def test_record_keeps_the_requested_and_the_routed_model() -> None:
 
 def test_small_request_for_a_large_model_is_downgraded() -> None:
     p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
-    assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 99).model == "gpt-4o-mini"
+    assert decide(Binding((p,), WHO), "gpt-4o", input_tokens=lambda: 99).model == "gpt-4o-mini"
 
 
 def test_large_request_keeps_its_model() -> None:
     p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
-    assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 100).model == "gpt-4o"
+    assert decide(Binding((p,), WHO), "gpt-4o", input_tokens=lambda: 100).model == "gpt-4o"
 
 
 def test_input_is_counted_only_when_a_downgrade_rule_matches() -> None:
@@ -219,7 +237,7 @@ def test_input_is_counted_only_when_a_downgrade_rule_matches() -> None:
         raise AssertionError("counted")
 
     p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
-    assert decide((p,), WHO, "claude-x", input_tokens=refuse_to_count).model == "claude-x"
+    assert decide(Binding((p,), WHO), "claude-x", input_tokens=refuse_to_count).model == "claude-x"
 
 
 def test_weighted_split_follows_the_draw() -> None:
@@ -230,8 +248,8 @@ def test_weighted_split_follows_the_draw() -> None:
             ]
         }
     )
-    assert decide((p,), WHO, "big", draw=0.5).model == "big"
-    assert decide((p,), WHO, "big", draw=0.95).model == "small"
+    assert decide(Binding((p,), WHO), "big", draw=0.5).model == "big"
+    assert decide(Binding((p,), WHO), "big", draw=0.95).model == "small"
 
 
 def test_model_rules_apply_to_the_routed_model() -> None:
@@ -239,7 +257,7 @@ def test_model_rules_apply_to_the_routed_model() -> None:
         routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]},
         models={"allow": ["gpt-4o-mini"]},
     )
-    assert decide((p,), WHO, "gpt-4o", input_tokens=lambda: 5).reject is None
+    assert decide(Binding((p,), WHO), "gpt-4o", input_tokens=lambda: 5).reject is None
 
 
 def test_example_policies_are_valid(pdir: Path) -> None:
