@@ -211,6 +211,11 @@ class Exchange:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
             return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
+        if self._api == PASSTHROUGH and not provider.is_free(method, path):
+            refused = self._unmetered_refusal(entry, method, path, now)
+            if refused is not None:
+                return refused
+
         reply = Reply(
             remove_headers=[h for h in _STRIP_ALWAYS if h in headers],
             set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.route)],
@@ -228,6 +233,20 @@ class Exchange:
         if self._api != PASSTHROUGH and not end_of_stream:
             reply.request_body_mode = "BUFFERED"
         return reply
+
+    def _unmetered_refusal(self, entry: KeyEntry, method: str, path: str, now: dt.datetime) -> Reply | None:
+        """A key under a budget may not reach an API whose spending Spendgate cannot price."""
+        holds = sorted(self._set.binding(entry.subject).holds(now), key=lambda h: h.shadow)  # enforced first
+        if not holds:
+            return None
+        reason = (
+            f"{method} {path} is not metered by Spendgate, so a key under budget policy "
+            f"'{holds[0].policy}' may not use it"
+        )
+        if not holds[0].shadow:
+            return self.reject(403, reason)
+        log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
+        return None
 
     def _upstream_path(self, path: str) -> str:
         assert self._entry is not None

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from extproc.providers.base import (
+    FREE_METHODS,
     BadRequest,
     Change,
     ParsedRequest,
@@ -44,6 +45,10 @@ class Anthropic:
     def api_for(self, method: str, path: str) -> str | None:
         """See Provider.api_for. count_tokens is free, so it is forwarded without accounting."""
         return MESSAGES if method == "POST" and path == "/v1/messages" else None
+
+    def is_free(self, method: str, path: str) -> bool:
+        """See Provider.is_free."""
+        return method in FREE_METHODS or path == "/v1/messages/count_tokens"
 
     def auth_headers(self, secret: str) -> list[tuple[str, str]]:
         """See Provider.auth_headers."""

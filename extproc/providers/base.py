@@ -13,6 +13,8 @@ from extproc.usage import Usage
 
 # API kinds, as stored in usage_events.api.
 PASSTHROUGH = "passthrough"
+# Methods that read or delete what exists and so start no paid work upstream.
+FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 class BadRequest(Exception):
@@ -77,6 +79,13 @@ class Provider(Protocol):
 
     def api_for(self, method: str, path: str) -> str | None:
         """The API kind of a request, or None when the path is not one Spendgate accounts."""
+
+    def is_free(self, method: str, path: str) -> bool:
+        """Whether an unaccounted request costs nothing upstream (reads, token counting).
+
+        A key under a budget may make only these besides the accounted APIs: anything else
+        would spend money the budget cannot see.
+        """
 
     def auth_headers(self, secret: str) -> list[tuple[str, str]]:
         """The headers that carry a real credential to this provider."""

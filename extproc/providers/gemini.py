@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from extproc.providers.base import (
+    FREE_METHODS,
     BadRequest,
     Change,
     ParsedRequest,
@@ -57,6 +58,11 @@ class Gemini:
         if parts and parts[1] in (GENERATE, STREAM_GENERATE):
             return parts[1]
         return None
+
+    def is_free(self, method: str, path: str) -> bool:
+        """See Provider.is_free."""
+        parts = split_model_path(path)
+        return method in FREE_METHODS or (parts is not None and parts[1] == "countTokens")
 
     def auth_headers(self, secret: str) -> list[tuple[str, str]]:
         """See Provider.auth_headers."""

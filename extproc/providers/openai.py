@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from extproc.providers.base import (
+    FREE_METHODS,
     BadRequest,
     Change,
     ParsedRequest,
@@ -51,6 +52,10 @@ class OpenAI:
     def api_for(self, method: str, path: str) -> str | None:
         """See Provider.api_for."""
         return _APIS.get(path) if method == "POST" else None
+
+    def is_free(self, method: str, path: str) -> bool:
+        """See Provider.is_free. Moderation is free of charge."""
+        return method in FREE_METHODS or path == "/v1/moderations"
 
     def auth_headers(self, secret: str) -> list[tuple[str, str]]:
         """See Provider.auth_headers."""

@@ -100,3 +100,15 @@ def test_exhausted_budget_raises_rate_limit_error_naming_it_with_retry_after(
     # Its worst case never fitted, so nothing was spent and the whole cap is still left.
     assert tiny["scope"] == "team:tiny" and tiny["period"] == "month"
     assert Decimal(tiny["spent_usd"]) == 0 and Decimal(tiny["left_usd"]) == ACTUAL
+
+
+def test_a_budgeted_key_is_refused_an_api_whose_spending_is_not_metered(
+    bstack: Stack, fake: FakeProvider
+) -> None:
+    issued = issue_key(bstack, "openai", fake.base_url, team="race")
+    client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.images.generate(model="dall-e-3", prompt="a lighthouse")
+    assert "not metered" in str(exc.value) and "'race'" in str(exc.value)
+    assert not [r for r in fake.requests if r.path == "/v1/images/generations"]
+    assert client.models.list().data  # reads cost nothing and stay open

@@ -222,6 +222,41 @@ def test_record_keeps_the_requested_and_the_routed_model() -> None:
     assert (rec.model_requested, rec.model_used) == ("fast", "fake-openai-model") and rec.cost_usd
 
 
+BUDGETED = {"name": "capped", "applies_to": {"all": True}, "budgets": [{"period": "day", "limit_usd": "5"}]}
+
+
+def unmetered_call(w: World, method: str, path: str, **extra: str) -> int | None:
+    h = {**headers(path, x_api_key=w.key, **extra), ":method": method}
+    return w.exchange().on_request_headers(h, method == "GET").immediate_status
+
+
+def test_a_budgeted_key_may_not_post_to_an_api_spendgate_cannot_price() -> None:
+    w = World().with_policies(BUDGETED)
+    reply = w.exchange().on_request_headers(headers("/v1/images/generations", x_api_key=w.key), False)
+    assert reply.immediate_status == 403
+    message = json.loads(reply.body or b"")["error"]["message"]
+    assert "not metered" in message and "'capped'" in message
+
+
+def test_a_budgeted_key_may_still_read_and_count_tokens() -> None:
+    assert unmetered_call(World().with_policies(BUDGETED), "GET", "/v1/models") is None
+    assert (
+        unmetered_call(World("anthropic").with_policies(BUDGETED), "POST", "/v1/messages/count_tokens")
+        is None
+    )
+    gemini = World("gemini").with_policies(BUDGETED)
+    assert unmetered_call(gemini, "POST", "/v1beta/models/gemini-2.5-flash:countTokens") is None
+
+
+def test_unpriced_apis_stay_open_to_keys_without_a_budget() -> None:
+    assert unmetered_call(World(), "POST", "/v1/images/generations") is None
+
+
+def test_a_shadow_budget_only_logs_an_unpriced_call() -> None:
+    w = World().with_policies({**BUDGETED, "shadow": True})
+    assert unmetered_call(w, "POST", "/v1/images/generations") is None
+
+
 def test_small_request_for_a_large_model_is_downgraded() -> None:
     p = policy(routing={"downgrade": [{"model": "gpt-4o", "to": "gpt-4o-mini", "max_input_tokens": 100}]})
     assert decide(Binding((p,), WHO), "gpt-4o", input_tokens=lambda: 99).model == "gpt-4o-mini"
