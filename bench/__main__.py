@@ -8,7 +8,8 @@ All three targets proxy to the same in-memory upstream (bench/upstream.py):
   aliases, transforms, a budget reserved in Postgres per request, rate limits).
 For JSON and SSE answers at concurrency 1 and 32 it prints requests per second, the latency
 each filtered target adds over plain Envoy (p50, p99) and its throughput ratio, and checks that
-every Spendgate request left a usage record.
+every Spendgate request left a usage record. The two Spendgate targets are measured in
+alternating halves (see SCHEDULE) so that the policy ratio is not skewed by drift.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ policies:
       - {{per: key, requests_per_minute: 100000000, tokens_per_minute: 1000000000}}
 """
 ENVOY_CONCURRENCY = os.environ.get("BENCH_ENVOY_CONCURRENCY", "1")
+# The order of the measured windows. The two Spendgate targets, whose ratio is the policy bar,
+# take turns in A-B-B-A halves, so that a drift in the machine's speed over the run (this VM
+# has plenty) weighs on both alike instead of on whichever ran later.
+SCHEDULE = ("envoy", "floor", "spendgate", "policies", "policies", "spendgate")
 
 
 @contextlib.contextmanager
@@ -142,7 +147,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--seconds", type=int, default=10, help="duration of each measured run (default 10)")
+    ap.add_argument(
+        "--seconds",
+        type=int,
+        default=10,
+        help="measured seconds per target (default 10; the two Spendgate targets in two halves each)",
+    )
     ap.add_argument(
         "--workers",
         type=int,
@@ -178,7 +188,8 @@ def main() -> None:
                     ("stream", STREAM_BODY, {upstream.STREAM_HEADER: "1"}),
                 ):
                     for conns in (1, 32):
-                        row: dict[str, Any] = {"mode": mode, "connections": conns}
+                        runs: dict[str, list[wrk.Result]] = {name: [] for name in targets}
+                        calls = {}
                         for name, (port, key) in targets.items():
                             headers = {
                                 "content-type": "application/json",
@@ -187,8 +198,14 @@ def main() -> None:
                             }
                             lua = wrk.script(work / f"{name}-{mode}.lua", body, headers)
                             url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                            calls[name] = (url, lua)
                             wrk.run(url, lua, conns, 2)  # warm-up
-                            row[name] = wrk.run(url, lua, conns, args.seconds).__dict__
+                        for name in SCHEDULE:
+                            url, lua = calls[name]
+                            windows = SCHEDULE.count(name)
+                            runs[name].append(wrk.run(url, lua, conns, max(1, args.seconds // windows)))
+                        row: dict[str, Any] = {"mode": mode, "connections": conns}
+                        row.update({name: wrk.merge(r).__dict__ for name, r in runs.items()})
                         measured += row["spendgate"]["requests"]
                         results.append(row)
                         print(_progress(row), flush=True)

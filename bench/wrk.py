@@ -69,3 +69,17 @@ def run(url: str, lua: Path, connections: int, seconds: int) -> Result:
     if socket_errors:
         errors += sum(int(x) for x in socket_errors.groups())
     return Result(rps, _ms(pct["50"]), _ms(pct["99"]), total, errors)
+
+
+def merge(runs: list[Result]) -> Result:
+    """Windows of one target as one result: throughput over their total time, latency percentiles
+    averaged (an approximation; wrk reports no histogram to combine)."""
+    seconds = sum(r.requests / r.rps for r in runs)
+    n = len(runs)
+    return Result(
+        sum(r.requests for r in runs) / seconds,
+        sum(r.p50_ms for r in runs) / n,
+        sum(r.p99_ms for r in runs) / n,
+        sum(r.requests for r in runs),
+        sum(r.errors for r in runs),
+    )
