@@ -176,8 +176,11 @@ class Exchange:
         self.finished = False
 
     # -- request headers ---------------------------------------------------------------
-    def on_request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Reply:
-        """Authenticate, swap the credential, pick the upstream, ask for the body if needed."""
+    def on_request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Reply | Admission:
+        """Authenticate, swap the credential, pick the upstream, ask for the body if needed.
+
+        An Admission (a pass-through request under a rate limit) asks the gatekeeper first.
+        """
         method = headers.get(":method", "")
         raw_path = headers.get(":path", "/")
         path, _, qs = raw_path.partition("?")
@@ -211,11 +214,6 @@ class Exchange:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
             return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
-        if self._api == PASSTHROUGH and not provider.is_free(method, path):
-            refused = self._unmetered_refusal(entry, method, path, now)
-            if refused is not None:
-                return refused
-
         reply = Reply(
             remove_headers=[h for h in _STRIP_ALWAYS if h in headers],
             set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.route)],
@@ -230,23 +228,39 @@ class Exchange:
         new_path = self._upstream_path(path)
         if new_path != raw_path:
             reply.set_headers.append((":path", new_path))
-        if self._api != PASSTHROUGH and not end_of_stream:
+        if self._api == PASSTHROUGH:
+            return self._admit_passthrough(entry, method, path, reply, now)
+        if not end_of_stream:
             reply.request_body_mode = "BUFFERED"
         return reply
 
-    def _unmetered_refusal(self, entry: KeyEntry, method: str, path: str, now: dt.datetime) -> Reply | None:
-        """A key under a budget may not reach an API whose spending Spendgate cannot price."""
-        holds = sorted(self._set.binding(entry.subject).holds(now), key=lambda h: h.shadow)  # enforced first
-        if not holds:
-            return None
-        reason = (
-            f"{method} {path} is not metered by Spendgate, so a key under budget policy "
-            f"'{holds[0].policy}' may not use it"
-        )
-        if not holds[0].shadow:
-            return self.reject(403, reason)
-        log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
-        return None
+    def _admit_passthrough(
+        self, entry: KeyEntry, method: str, path: str, reply: Reply, now: dt.datetime
+    ) -> Reply | Admission:
+        """Policies on a request Spendgate does not account: budgets refuse what costs money they
+        cannot see, and every request counts against requests-per-minute limits."""
+        assert self._provider is not None
+        binding = self._set.binding(entry.subject)
+        holds = sorted(binding.holds(now), key=lambda h: h.shadow)  # an enforced budget first
+        if holds and not self._provider.is_free(method, path):
+            reason = (
+                f"{method} {path} is not metered by Spendgate, so a key under budget policy "
+                f"'{holds[0].policy}' may not use it"
+            )
+            if not holds[0].shadow:
+                return self.reject(403, reason)
+            log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
+        charges = [
+            c
+            for c in charges_for(binding.rate_limits, entry.subject.key_id, entry.team, 0)
+            if c.kind == "requests"
+        ]
+        if not charges:
+            return reply
+        win, reset = window(now)
+        self._admission = Admission(self.request_id, (), Decimal(0), tuple(charges), win, reset)
+        self._pending = reply
+        return self._admission
 
     def _upstream_path(self, path: str) -> str:
         assert self._entry is not None

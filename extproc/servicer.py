@@ -11,7 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc import envoy_messages as msg
 from extproc.admission import Gatekeeper
-from extproc.exchange import Exchange
+from extproc.exchange import Exchange, Reply
 from extproc.failover import HOST_METADATA, PHASE_METADATA, UpstreamAttempt
 from extproc.metrics import Metrics
 from extproc.policy.budgets import Admission
@@ -51,15 +51,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     yield msg.response_body(ex.on_response_body(body.body, body.end_of_stream))
                 elif phase == "request_headers":
                     headers = req.request_headers
-                    reply = ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
+                    reply = await self._admitted(
+                        ex, ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
+                    )
                     if reply.immediate_status == 401:  # refused before any record exists
                         self._metrics.inc("spendgate_unauthenticated_total")
                     yield msg.request_headers(reply)
                 elif phase == "request_body":
-                    outcome = ex.on_request_body(req.request_body.body)
-                    if isinstance(outcome, Admission):
-                        outcome = await self._gatekeeper.admit(ex, outcome)
-                    yield msg.request_body(outcome)
+                    yield msg.request_body(
+                        await self._admitted(ex, ex.on_request_body(req.request_body.body))
+                    )
                 elif phase == "response_headers":
                     headers = req.response_headers
                     yield msg.response_headers(
@@ -73,6 +74,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return
         finally:
             ex.abandon()
+
+    async def _admitted(self, ex: Exchange, outcome: Reply | Admission) -> Reply:
+        """The reply to send: an Admission is first put to the gatekeeper."""
+        if isinstance(outcome, Admission):
+            return await self._gatekeeper.admit(ex, outcome)
+        return outcome
 
     async def _upstream(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest]

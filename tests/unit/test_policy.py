@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from extproc.policy.budgets import Admission
 from extproc.policy.evaluate import Binding, Subject, decide
 from extproc.policy.loader import PolicyError, PolicySet, load_policy_dir
 from extproc.policy.schema import Policy
@@ -255,6 +256,14 @@ def test_unpriced_apis_stay_open_to_keys_without_a_budget() -> None:
 def test_a_shadow_budget_only_logs_an_unpriced_call() -> None:
     w = World().with_policies({**BUDGETED, "shadow": True})
     assert unmetered_call(w, "POST", "/v1/images/generations") is None
+
+
+def test_a_passthrough_request_is_charged_one_request_and_no_tokens() -> None:
+    limits = [{"per": "key", "requests_per_minute": 5, "tokens_per_minute": 100}]
+    w = World().with_policies({"name": "rl", "applies_to": {"all": True}, "rate_limits": limits})
+    adm = w.exchange().on_request_headers({**headers("/v1/models", x_api_key=w.key), ":method": "GET"}, True)
+    assert isinstance(adm, Admission) and [(c.kind, c.amount) for c in adm.charges] == [("requests", 1)]
+    assert adm.holds == ()
 
 
 def test_small_request_for_a_large_model_is_downgraded() -> None:
