@@ -25,7 +25,7 @@ from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
 from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling
 from extproc.policy.evaluate import Binding, Decision, decide
-from extproc.policy.limits import Throttle, charges_for, window
+from extproc.policy.limits import Throttle, window
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
 from extproc.providers.base import (
@@ -250,11 +250,7 @@ class Exchange:
             if not holds[0].shadow:
                 return self.reject(403, reason)
             log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
-        charges = [
-            c
-            for c in charges_for(binding.rate_limits, entry.subject.key_id, entry.team, 0)
-            if c.kind == "requests"
-        ]
+        charges = [c for c in binding.charges(0) if c.kind == "requests"]
         if not charges:
             return reply
         win, reset = window(now)
@@ -293,8 +289,7 @@ class Exchange:
         self, req: ParsedRequest, binding: Binding, decision: Decision, reply: Reply
     ) -> Reply | Admission:
         """Rate-limit charges and the worst-case cost to reserve on every budget covering this key."""
-        assert self._entry is not None and self._provider is not None
-        e, now = self._entry, dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC)
         holds = binding.holds(now)
         if not holds and not binding.rate_limits:
             return reply
@@ -303,7 +298,7 @@ class Exchange:
         max_out = min(ceilings) if ceilings else None
         price = self._set.prices.lookup(decision.model)
         reserved_out = max_out if max_out is not None else (price.max_output_tokens if price else 0)
-        charges = charges_for(binding.rate_limits, e.subject.key_id, e.team, input_tokens + reserved_out)
+        charges = binding.charges(input_tokens + reserved_out)
         amount = Decimal(0)
         if holds:
             cost = ceiling(self._set.prices, decision.model, input_tokens, max_out)

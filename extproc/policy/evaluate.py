@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from extproc.policy.budgets import Hold, holds_for
+from extproc.policy.limits import Charge, charges_for
 from extproc.policy.schema import Budget, Policy, RateLimit
+
+_REMEMBERED_MODELS = 64
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Decision:
 
     model: str | None
     reject: str | None = None  # a reason for 403
-    shadow: list[str] = field(default_factory=list)  # what shadow policies would have rejected
+    shadow: tuple[str, ...] = ()  # what shadow policies would have rejected
     max_tokens: int | None = None
     system_prompt: str | None = None
     tags: dict[str, str] = field(default_factory=dict)  # shared with the Binding: read only
@@ -76,7 +79,10 @@ class Binding:
             self.tags.update(t.tags)
             self.budgets += [(p, b) for b in p.budgets]
             self.rate_limits += [(p, r) for r in p.rate_limits]
+        self.routes = any(p.routing.downgrade or p.routing.split for p in self.policies)
         self._holds: tuple[dt.date, tuple[Hold, ...]] | None = None
+        self._counters: tuple[Charge, ...] | None = None
+        self._verdicts: dict[str | None, tuple[str | None, tuple[str, ...]]] = {}
 
     def holds(self, now: dt.datetime) -> tuple[Hold, ...]:
         """The budget counters this caller's requests fit in at `now` (a UTC time).
@@ -88,6 +94,33 @@ class Binding:
             w = self.who
             self._holds = (day, holds_for(self.budgets, w.key_id, w.team, w.project, now))
         return self._holds[1]
+
+    def charges(self, tokens: int) -> tuple[Charge, ...]:
+        """The rate-limit charges of one request that counts `tokens` tokens."""
+        if self._counters is None:
+            self._counters = charges_for(self.rate_limits, self.who.key_id, self.who.team, 0)
+        return tuple(
+            c if c.kind == "requests" else Charge(c.counter, c.kind, c.limit, tokens, c.shadow)
+            for c in self._counters
+        )
+
+    def verdict(self, model: str | None) -> tuple[str | None, tuple[str, ...]]:
+        """What the model rules say of `model`: a reason to reject it, and what shadow rules
+        would have rejected. Kept for the first models a caller asks for."""
+        found = self._verdicts.get(model)
+        if found is None:
+            reject, shadow = None, []
+            for p in self.policies:
+                reason = _model_refusal(p, model)
+                if reason is not None:
+                    if p.shadow:
+                        shadow.append(reason)
+                    elif reject is None:
+                        reject = reason
+            found = (reject, tuple(shadow))
+            if len(self._verdicts) < _REMEMBERED_MODELS:  # model names come from callers
+                self._verdicts[model] = found
+        return found
 
 
 def decide(
@@ -103,20 +136,11 @@ def decide(
     picks the branch of a weighted split (the caller supplies the randomness).
     """
     b = binding
-    d = Decision(
-        model=_route(b.policies, b.aliases.get(model, model) if model else model, input_tokens, draw),
-        max_tokens=b.max_tokens,
-        system_prompt=b.system_prompt,
-        tags=b.tags,
-    )
-    for p in b.policies:
-        reason = _model_refusal(p, d.model)
-        if reason is not None:
-            if p.shadow:
-                d.shadow.append(reason)
-            elif d.reject is None:
-                d.reject = reason
-    return d
+    routed = b.aliases.get(model, model) if model else model
+    if b.routes:
+        routed = _route(b.policies, routed, input_tokens, draw)
+    reject, shadow = b.verdict(routed)
+    return Decision(routed, reject, shadow, b.max_tokens, b.system_prompt, b.tags)
 
 
 def _route(

@@ -110,6 +110,13 @@ def test_a_policy_set_binds_each_caller_once() -> None:
     assert reloaded.binding(WHO).max_tokens == 5  # a reload binds afresh
 
 
+def test_a_binding_remembers_model_verdicts_for_a_bounded_number_of_models() -> None:
+    b = Binding((policy(models={"deny": ["m1*"]}),), WHO)
+    verdicts = [b.verdict(f"m{i}") for i in range(1000)]  # model names are the caller's to choose
+    assert len(b._verdicts) <= 64
+    assert sum(1 for reject, _ in verdicts if reject is not None) == 111  # m1, m10-m19, m100-m199
+
+
 def test_budget_counters_of_a_binding_follow_the_utc_date() -> None:
     b = Binding((policy(budgets=[{"period": "day", "limit_usd": "1", "per": "key"}]),), WHO)
     today = dt.datetime(2026, 11, 27, 23, 59, tzinfo=dt.UTC)
