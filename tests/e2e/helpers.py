@@ -8,7 +8,7 @@ from typing import Any
 import openai
 
 from tests.fakeprovider import FakeProvider, RecordedRequest
-from tests.support import Issued
+from tests.support import Issued, Stack
 
 # The fake models' list prices in policies/pricing.yaml (USD per million tokens), restated here
 # so that a wrong cost computation cannot pass by agreeing with itself.
@@ -17,6 +17,11 @@ PRICES = {
     "fake-anthropic-model": {"input": "3.00", "cached": "0.30", "output": "15.00", "write": "3.75"},
     "fake-gemini-model": {"input": "1.25", "cached": "0.3125", "output": "10.00", "write": "1.25"},
 }
+
+
+def openai_client(stack: Stack, key: str) -> openai.OpenAI:
+    """The OpenAI SDK pointed at the proxy, with retries off so that every answer is seen."""
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
 
 
 def expected_cost(model: str, inp: int, cached: int, write: int, out: int) -> Decimal:

@@ -13,7 +13,7 @@ import openai
 import pytest
 import tiktoken
 
-from tests.e2e.helpers import ask, expected_cost
+from tests.e2e.helpers import ask, expected_cost, openai_client
 from tests.fakeprovider import OPENAI_USAGE, FakeProvider
 from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
 
@@ -56,7 +56,7 @@ def bstack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def test_two_hundred_concurrent_requests_never_spend_past_the_cap(bstack: Stack, fake: FakeProvider) -> None:
     issued = issue_key(bstack, "openai", fake.base_url, team="race")
-    client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
+    client = openai_client(bstack, issued.key)
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
         statuses = list(pool.map(lambda _: ask(client, PROMPT, MAX_TOKENS), range(200)))
     admitted = statuses.count(200)
@@ -85,7 +85,7 @@ def test_exhausted_budget_raises_rate_limit_error_naming_it_with_retry_after(
     bstack: Stack, fake: FakeProvider
 ) -> None:
     issued = issue_key(bstack, "openai", fake.base_url, team="tiny")
-    client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
+    client = openai_client(bstack, issued.key)
     with pytest.raises(openai.RateLimitError) as exc:
         for _ in range(3):
             client.chat.completions.create(
@@ -106,7 +106,7 @@ def test_a_budgeted_key_is_refused_an_api_whose_spending_is_not_metered(
     bstack: Stack, fake: FakeProvider
 ) -> None:
     issued = issue_key(bstack, "openai", fake.base_url, team="race")
-    client = openai.OpenAI(base_url=bstack.url + "/v1", api_key=issued.key, max_retries=0)
+    client = openai_client(bstack, issued.key)
     with pytest.raises(openai.PermissionDeniedError) as exc:
         client.images.generate(model="dall-e-3", prompt="a lighthouse")
     assert "not metered" in str(exc.value) and "'race'" in str(exc.value)

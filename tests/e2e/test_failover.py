@@ -6,9 +6,7 @@ import json
 import secrets
 import uuid
 
-import openai
-
-from tests.e2e.helpers import auth_of
+from tests.e2e.helpers import auth_of, openai_client
 from tests.fakeprovider import FakeProvider
 from tests.support import Stack, add_credential, usage_rows, wait_until_key_live
 
@@ -27,7 +25,7 @@ def test_primary_killed_mid_test_every_request_is_served_by_the_fallback(
     )
     stack.secrets.append(out["key"])
     wait_until_key_live(stack, out["key"])
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=out["key"], max_retries=0)
+    client = openai_client(stack, out["key"])
     try:
         served = []
         for i in range(30):

@@ -8,21 +8,17 @@ import anthropic
 import openai
 import pytest
 
-from tests.e2e.helpers import seen_by_provider
+from tests.e2e.helpers import openai_client, seen_by_provider
 from tests.fakeprovider import CUT_AFTER_DELTAS, FakeProvider
 from tests.support import Issued, Stack, usage_rows
 
 MESSAGES = [{"role": "user", "content": "tell me a long story about a lighthouse"}]
 
 
-def oa(stack: Stack, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
-
-
 def test_client_hanging_up_mid_stream_still_yields_an_estimated_record(
     stack: Stack, openai_key: Issued
 ) -> None:
-    stream = oa(stack, openai_key.key).chat.completions.create(
+    stream = openai_client(stack, openai_key.key).chat.completions.create(
         model="fake-openai-model",
         messages=MESSAGES,
         stream=True,
@@ -41,7 +37,7 @@ def test_upstream_stream_cut_short_raises_in_the_app_and_yields_an_estimated_rec
     stack: Stack, openai_key: Issued
 ) -> None:
     with pytest.raises((openai.APIError, Exception)):
-        for _ in oa(stack, openai_key.key).chat.completions.create(
+        for _ in openai_client(stack, openai_key.key).chat.completions.create(
             model="fake-openai-model",
             messages=MESSAGES,
             stream=True,
@@ -76,7 +72,7 @@ def test_anthropic_stream_cut_short_keeps_the_reported_input_and_counts_the_outp
 def test_gzip_capable_upstream_is_still_accounted(
     stack: Stack, fake: FakeProvider, openai_key: Issued
 ) -> None:
-    resp = oa(stack, openai_key.key).chat.completions.create(
+    resp = openai_client(stack, openai_key.key).chat.completions.create(
         model="fake-openai-model", messages=MESSAGES, extra_headers={"x-fake-scenario": "gzip"}
     )
     assert resp.choices[0].message.content
@@ -87,7 +83,7 @@ def test_gzip_capable_upstream_is_still_accounted(
 def test_revoked_key_stops_working_within_seconds(
     stack: Stack, fake: FakeProvider, openai_key: Issued
 ) -> None:
-    c = oa(stack, openai_key.key)
+    c = openai_client(stack, openai_key.key)
     c.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
     stack.cli("keys", "revoke", str(openai_key.key_id))
     deadline = time.monotonic() + 5
@@ -112,13 +108,17 @@ def test_rotated_key_replaces_the_old_one(stack: Stack, openai_key: Issued) -> N
     deadline = time.monotonic() + 5
     while True:
         try:
-            oa(stack, new["key"]).chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+            openai_client(stack, new["key"]).chat.completions.create(
+                model="fake-openai-model", messages=MESSAGES
+            )
             break
         except openai.AuthenticationError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
     with pytest.raises(openai.AuthenticationError):
-        oa(stack, openai_key.key).chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+        openai_client(stack, openai_key.key).chat.completions.create(
+            model="fake-openai-model", messages=MESSAGES
+        )
 
 
 def test_body_over_the_size_cap_gets_413_in_provider_format(stack: Stack, openai_key: Issued) -> None:

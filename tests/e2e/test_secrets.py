@@ -6,16 +6,16 @@ import time
 
 import anthropic
 import httpx
-import openai
 import pytest
 
+from tests.e2e.helpers import openai_client
 from tests.fakeprovider import FakeProvider
 from tests.support import Stack, issue_key
 
 
 def test_logs_and_error_bodies_contain_no_key_material(stack: Stack, fake: FakeProvider) -> None:
     keys = [issue_key(stack, p, fake.base_url) for p in ("openai", "anthropic", "gemini")]
-    oa = openai.OpenAI(base_url=stack.url + "/v1", api_key=keys[0].key, max_retries=0)
+    oa = openai_client(stack, keys[0].key)
     oa.chat.completions.create(model="fake-openai-model", messages=[{"role": "user", "content": "hi"}])
     for scenario in ("error-429", "error-500", "cut"):
         with pytest.raises(Exception):  # noqa: B017 - each scenario fails differently, on purpose

@@ -16,6 +16,7 @@ import openai
 import psutil
 import pytest
 
+from tests.e2e.helpers import openai_client
 from tests.fakeprovider import FakeProvider
 from tests.support import Stack, free_port, issue_key, scratch_database, start_stack, usage_rows
 from tests.test_envoy_configs import self_signed
@@ -95,7 +96,7 @@ def test_postgres_stopped_and_restarted_under_load_loses_and_duplicates_nothing(
     stack = start_stack(pg.get_uri(), workdir)
     try:
         issued = issue_key(stack, "openai", fake.base_url)
-        client = openai.OpenAI(base_url=stack.url + "/v1", api_key=issued.key, max_retries=0)
+        client = openai_client(stack, issued.key)
         stop = threading.Event()
         ids: list[str] = []
 
@@ -134,7 +135,7 @@ def test_master_key_rotation_reencrypts_every_secret_while_serving(workdir: Path
             keys = [issue_key(stack, p, fake.base_url) for p in ("openai", "openai", "anthropic")]
             old = (stack.home / "master.key").read_text().strip()
             new = generate_master_key()
-            client = openai.OpenAI(base_url=stack.url + "/v1", api_key=keys[0].key, max_retries=0)
+            client = openai_client(stack, keys[0].key)
             stop, failures, served = threading.Event(), [], [0]
 
             def load() -> None:
@@ -177,9 +178,7 @@ def test_master_key_rotation_reencrypts_every_secret_while_serving(workdir: Path
 
 def test_usage_command_reports_tokens_and_dollars_per_key(stack: Stack, fake: FakeProvider) -> None:
     issued = issue_key(stack, "openai", fake.base_url, team="team-usage")
-    openai.OpenAI(base_url=stack.url + "/v1", api_key=issued.key, max_retries=0).chat.completions.create(
-        model="fake-openai-model", messages=MESSAGES
-    )
+    openai_client(stack, issued.key).chat.completions.create(model="fake-openai-model", messages=MESSAGES)
     (row,) = usage_rows(stack, issued.key_id)
     report = json.loads(stack.cli("usage", "--by", "team", "--json").stdout)
     mine = next(r for r in report if r["team"] == "team-usage")
