@@ -9,7 +9,7 @@ All three targets proxy to the same in-memory upstream (bench/upstream.py):
 For JSON and SSE answers at concurrency 1 and 32 it prints requests per second, the latency
 each filtered target adds over plain Envoy (p50, p99) and its throughput ratio, and checks that
 every Spendgate request left a usage record. The two Spendgate targets are measured in
-alternating halves (see SCHEDULE) so that the policy ratio is not skewed by drift.
+alternating windows (see SCHEDULE) so that the policy ratio is not skewed by drift.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ policies:
 """
 ENVOY_CONCURRENCY = os.environ.get("BENCH_ENVOY_CONCURRENCY", "1")
 # The order of the measured windows. The two Spendgate targets, whose ratio is the policy bar,
-# take turns in A-B-B-A halves, so that a drift in the machine's speed over the run (this VM
-# has plenty) weighs on both alike instead of on whichever ran later.
-SCHEDULE = ("envoy", "floor", "spendgate", "policies", "policies", "spendgate")
+# take turns in short A-B-B-A windows, so that a drift or a slow spell of the machine (this VM
+# has plenty) weighs on both alike instead of on whichever ran at the time.
+SCHEDULE = ("envoy", "floor", *("spendgate", "policies", "policies", "spendgate") * 2)
 
 
 @contextlib.contextmanager
@@ -150,8 +150,8 @@ def main() -> None:
     ap.add_argument(
         "--seconds",
         type=int,
-        default=10,
-        help="measured seconds per target (default 10; the two Spendgate targets in two halves each)",
+        default=12,
+        help="measured seconds per target (default 12; the two Spendgate targets in four windows each)",
     )
     ap.add_argument(
         "--workers",
