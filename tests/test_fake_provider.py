@@ -275,32 +275,32 @@ def test_openai_chat_stream_tool_call_fragments_reassemble(oai: openai.OpenAI) -
     assert json.loads(call.function.arguments) == TOOL_ARGUMENTS
 
 
-def test_openai_rate_limit_raises_rate_limit_error(oai: openai.OpenAI) -> None:
+@pytest.mark.parametrize(
+    ("scenario_name", "error", "field", "value"),
+    [
+        ("error-429", openai.RateLimitError, "code", "rate_limit_exceeded"),
+        ("error-500", openai.InternalServerError, "type", "server_error"),
+        ("error-400", openai.BadRequestError, "type", "invalid_request_error"),
+    ],
+)
+def test_openai_error_scenarios_raise_the_sdks_error_with_its_type(
+    oai: openai.OpenAI, scenario_name: str, error: type[openai.APIStatusError], field: str, value: str
+) -> None:
+    with pytest.raises(error) as caught:
+        oai.chat.completions.create(
+            model="gpt-4o-mini", messages=USER_MESSAGES, extra_headers=scenario(scenario_name)
+        )
+
+    assert getattr(caught.value, field) == value
+
+
+def test_openai_rate_limit_carries_retry_after(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.RateLimitError) as caught:
         oai.chat.completions.create(
             model="gpt-4o-mini", messages=USER_MESSAGES, extra_headers=scenario("error-429")
         )
 
     assert caught.value.response.headers["retry-after"] == "1"
-    assert caught.value.code == "rate_limit_exceeded"
-
-
-def test_openai_server_error_raises_internal_server_error(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.InternalServerError) as caught:
-        oai.chat.completions.create(
-            model="gpt-4o-mini", messages=USER_MESSAGES, extra_headers=scenario("error-500")
-        )
-
-    assert caught.value.type == "server_error"
-
-
-def test_openai_bad_request_raises_bad_request_error(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(
-            model="gpt-4o-mini", messages=USER_MESSAGES, extra_headers=scenario("error-400")
-        )
-
-    assert caught.value.type == "invalid_request_error"
 
 
 def test_openai_cut_stream_raises_after_partial_text(oai: openai.OpenAI) -> None:
@@ -680,50 +680,36 @@ def test_anthropic_stream_tool_input_json_reassembles(claude: anthropic.Anthropi
     assert message.stop_reason == "tool_use"
 
 
-def test_anthropic_rate_limit_raises_rate_limit_error(claude: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.RateLimitError) as caught:
+@pytest.mark.parametrize(
+    ("scenario_name", "error", "error_type"),
+    [
+        ("error-429", anthropic.RateLimitError, "rate_limit_error"),
+        ("error-500", anthropic.InternalServerError, "api_error"),
+        ("error-529", anthropic.OverloadedError, "overloaded_error"),
+        ("error-400", anthropic.BadRequestError, "invalid_request_error"),
+    ],
+)
+def test_anthropic_error_scenarios_raise_the_sdks_error_with_its_type(
+    claude: anthropic.Anthropic, scenario_name: str, error: type[anthropic.APIStatusError], error_type: str
+) -> None:
+    with pytest.raises(error) as caught:
         claude.messages.create(
             model=ANTHROPIC_MODEL,
             max_tokens=64,
             messages=USER_MESSAGES,
-            extra_headers=scenario("error-429"),
+            extra_headers=scenario(scenario_name),
+        )
+
+    assert caught.value.body["error"]["type"] == error_type  # type: ignore[index]
+
+
+def test_anthropic_rate_limit_carries_retry_after(claude: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        claude.messages.create(
+            model=ANTHROPIC_MODEL, max_tokens=64, messages=USER_MESSAGES, extra_headers=scenario("error-429")
         )
 
     assert caught.value.response.headers["retry-after"] == "1"
-    assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
-
-
-def test_anthropic_server_error_raises_internal_server_error(claude: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.InternalServerError) as caught:
-        claude.messages.create(
-            model=ANTHROPIC_MODEL,
-            max_tokens=64,
-            messages=USER_MESSAGES,
-            extra_headers=scenario("error-500"),
-        )
-
-    assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
-
-
-def test_anthropic_overloaded_529_raises_overloaded_error(claude: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.OverloadedError) as caught:
-        claude.messages.create(
-            model=ANTHROPIC_MODEL, max_tokens=64, messages=USER_MESSAGES, extra_headers=scenario("error-529")
-        )
-
-    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
-
-
-def test_anthropic_bad_request_raises_bad_request_error(claude: anthropic.Anthropic) -> None:
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        claude.messages.create(
-            model=ANTHROPIC_MODEL,
-            max_tokens=64,
-            messages=USER_MESSAGES,
-            extra_headers=scenario("error-400"),
-        )
-
-    assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
 
 
 def test_anthropic_cut_stream_raises_after_partial_text(claude: anthropic.Anthropic) -> None:
