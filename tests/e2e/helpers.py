@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +24,24 @@ PRICES = {
 def openai_client(stack: Stack, key: str) -> openai.OpenAI:
     """The OpenAI SDK pointed at the proxy, with retries off so that every answer is seen."""
     return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
+
+
+def wait_for(
+    call: Callable[[], object], error: type[Exception], *, raised: bool, seconds: float, what: str
+) -> None:
+    """Repeat an SDK `call` until it raises `error` (raised=True) or stops raising it: for changes
+    the proxy takes up asynchronously (policy reloads, revocations, rotations)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+            if not raised:
+                return
+        except error:
+            if raised:
+                return
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
 def expected_cost(model: str, inp: int, cached: int, write: int, out: int) -> Decimal:

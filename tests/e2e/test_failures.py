@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import anthropic
 import openai
 import pytest
 
-from tests.e2e.helpers import openai_client, seen_by_provider
+from tests.e2e.helpers import openai_client, seen_by_provider, wait_for
 from tests.fakeprovider import CUT_AFTER_DELTAS, FakeProvider
 from tests.support import Issued, Stack, usage_rows
 
@@ -86,14 +84,13 @@ def test_revoked_key_stops_working_within_seconds(
     c = openai_client(stack, openai_key.key)
     c.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
     stack.cli("keys", "revoke", str(openai_key.key_id))
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            c.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
-        except openai.AuthenticationError:
-            break
-        assert time.monotonic() < deadline, "revoked key still accepted after 5 s"
-        time.sleep(0.1)
+    wait_for(
+        lambda: c.chat.completions.create(model="fake-openai-model", messages=MESSAGES),
+        openai.AuthenticationError,
+        raised=True,
+        seconds=5,
+        what="revoked key still accepted after 5 s",
+    )
     seen = len(seen_by_provider(fake, openai_key))
     with pytest.raises(openai.AuthenticationError):
         c.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
@@ -105,16 +102,15 @@ def test_rotated_key_replaces_the_old_one(stack: Stack, openai_key: Issued) -> N
 
     new = json.loads(stack.cli("keys", "rotate", str(openai_key.key_id), "--json").stdout)
     stack.secrets.append(new["key"])
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            openai_client(stack, new["key"]).chat.completions.create(
-                model="fake-openai-model", messages=MESSAGES
-            )
-            break
-        except openai.AuthenticationError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    wait_for(
+        lambda: openai_client(stack, new["key"]).chat.completions.create(
+            model="fake-openai-model", messages=MESSAGES
+        ),
+        openai.AuthenticationError,
+        raised=False,
+        seconds=5,
+        what="rotated key not accepted after 5 s",
+    )
     with pytest.raises(openai.AuthenticationError):
         openai_client(stack, openai_key.key).chat.completions.create(
             model="fake-openai-model", messages=MESSAGES

@@ -13,7 +13,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.e2e.helpers import openai_client, seen_by_provider
+from tests.e2e.helpers import openai_client, seen_by_provider, wait_for
 from tests.fakeprovider import FakeProvider
 from tests.support import REPO, Issued, Stack, issue_key, start_stack, usage_rows
 
@@ -130,18 +130,21 @@ def test_policy_edit_takes_effect_without_restart_and_a_broken_edit_is_refused(
     pstack: Stack, policy_dir: Path, key: Issued
 ) -> None:
     client = oa(pstack, key)
-    client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+
+    def ask() -> object:
+        return client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+
+    ask()
     original = (policy_dir / "team.yaml").read_text()
     try:
         (policy_dir / "team.yaml").write_text(original.replace('"forbidden-*"', '"fake-openai-*"'))
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
-            except openai.PermissionDeniedError:
-                break
-            assert time.monotonic() < deadline, "the edited policy did not take effect within 5 s"
-            time.sleep(0.2)
+        wait_for(
+            ask,
+            openai.PermissionDeniedError,
+            raised=True,
+            seconds=5,
+            what="the edited policy did not take effect within 5 s",
+        )
         (policy_dir / "team.yaml").write_text(
             original.replace("applies_to: {team: policy-team}", "applies_to: {}")
         )
@@ -160,19 +163,14 @@ def test_policy_edit_takes_effect_without_restart_and_a_broken_edit_is_refused(
         assert "spendgate_policy_reload_failures_total 0" not in metrics
     finally:
         (policy_dir / "team.yaml").write_text(original)
-        _wait_until_served(client)
-
-
-def _wait_until_served(client: openai.OpenAI) -> None:
-    """Until the restored policy is back in force, so the tests after this one see it."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
-            return
-        except openai.PermissionDeniedError:
-            time.sleep(0.2)
-    raise AssertionError("the restored policy did not come back into force")
+        # The restored policy back in force, so the tests after this one see it.
+        wait_for(
+            ask,
+            openai.PermissionDeniedError,
+            raised=False,
+            seconds=10,
+            what="the restored policy did not come back into force",
+        )
 
 
 def test_short_request_for_a_big_model_is_downgraded(pstack: Stack, fake: FakeProvider, key: Issued) -> None:
