@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import secrets
 import shutil
@@ -15,10 +16,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from extproc.usage import Usage, UsageRecord
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -290,3 +294,20 @@ def usage_rows(stack: Stack, key_id: uuid.UUID, expect: int = 1, timeout: float 
             return rows
         time.sleep(0.1)
     return rows
+
+
+def usage_record(**kw: object) -> UsageRecord:
+    """A complete usage record with a fresh request id; `kw` overrides any field."""
+    base = dict(
+        request_id=str(uuid.uuid4()),
+        ts=dt.datetime.now(dt.UTC),
+        provider="openai",
+        api="chat.completions",
+        key_id=uuid.uuid4(),
+        usage=Usage(100, 40, 0, 20, 5),
+        cost_usd=Decimal("0.000123456789"),
+        price_version="v1",
+        status=200,
+        tags={"env": "prod"},
+    )
+    return UsageRecord(**{**base, **kw})  # type: ignore[arg-type]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import uuid
 from collections.abc import Iterator
@@ -12,31 +11,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from extproc.usage import Usage, UsageRecord
 from extproc.writer import UsageWriter
-from tests.support import migrated_database
+from tests.support import migrated_database, usage_record
 
 
 @pytest.fixture(scope="module")
 def dsn() -> Iterator[str]:
     with migrated_database() as url:
         yield url
-
-
-def record(**kw: object) -> UsageRecord:
-    base = dict(
-        request_id=str(uuid.uuid4()),
-        ts=dt.datetime.now(dt.UTC),
-        provider="openai",
-        api="chat.completions",
-        key_id=uuid.uuid4(),
-        usage=Usage(100, 40, 0, 20, 5),
-        cost_usd=Decimal("0.000123456789"),
-        price_version="v1",
-        status=200,
-        tags={"env": "prod"},
-    )
-    return UsageRecord(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def rows(dsn: str, ids: list[str]) -> list[tuple[object, ...]]:
@@ -49,7 +31,7 @@ def rows(dsn: str, ids: list[str]) -> list[tuple[object, ...]]:
 
 async def test_batch_is_written_with_exact_values(dsn: str, tmp_path: Path) -> None:
     w = UsageWriter(dsn, tmp_path / "spool.jsonl")
-    recs = [record() for _ in range(50)]
+    recs = [usage_record() for _ in range(50)]
     for r in recs:
         w.enqueue(r)
     await w.close()
@@ -62,7 +44,7 @@ async def test_batch_is_written_with_exact_values(dsn: str, tmp_path: Path) -> N
 
 async def test_spool_replay_inserts_each_record_once(dsn: str, tmp_path: Path) -> None:
     spool = tmp_path / "spool.jsonl"
-    already, fresh = record(), record()
+    already, fresh = usage_record(), usage_record()
     first = UsageWriter(dsn, spool)
     first.enqueue(already)
     await first.close()
@@ -77,11 +59,11 @@ async def test_spool_replay_inserts_each_record_once(dsn: str, tmp_path: Path) -
 async def test_records_spooled_while_down_arrive_after_recovery(dsn: str, tmp_path: Path) -> None:
     spool = tmp_path / "spool.jsonl"
     down = UsageWriter("postgresql://nobody@127.0.0.1:1/none", spool)
-    recs = [record() for _ in range(3)]
+    recs = [usage_record() for _ in range(3)]
     for r in recs:
         down.enqueue(r)
     await down.close()
     up = UsageWriter(dsn, spool)
-    up.enqueue(record(request_id="after-" + uuid.uuid4().hex))
+    up.enqueue(usage_record(request_id="after-" + uuid.uuid4().hex))
     await up.close()
     assert len(rows(dsn, [r.request_id for r in recs])) == 3 and up.spooled() == 0

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import uuid
 from pathlib import Path
 
-from extproc.usage import Usage, UsageRecord
+from extproc.usage import UsageRecord
 from extproc.writer import UsageWriter
+from tests.support import usage_record
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
 
 
-def record() -> UsageRecord:
-    return UsageRecord(
-        request_id=str(uuid.uuid4()),
-        ts=dt.datetime.now(dt.UTC),
-        provider="openai",
-        api="chat",
-        key_id=uuid.uuid4(),
-        usage=Usage(3, 1, 0, 2, 0),
-        status=200,
-    )
-
-
 async def test_records_are_spooled_in_order_when_postgres_is_unreachable(tmp_path: Path) -> None:
     w = UsageWriter(UNREACHABLE, tmp_path / "spool.jsonl")
-    recs = [record() for _ in range(5)]
+    recs = [usage_record() for _ in range(5)]
     for r in recs:
         w.enqueue(r)
     await w.close()
@@ -37,7 +24,7 @@ async def test_records_are_spooled_in_order_when_postgres_is_unreachable(tmp_pat
 
 async def test_spooled_record_round_trips_exactly(tmp_path: Path) -> None:
     w = UsageWriter(UNREACHABLE, tmp_path / "spool.jsonl")
-    r = record()
+    r = usage_record()
     w.enqueue(r)
     await w.close()
     back = UsageRecord.from_json(json.loads((tmp_path / "spool.jsonl").read_text()))
@@ -48,6 +35,6 @@ async def test_unwritable_spool_keeps_records_queued(tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the spool's folder should be")
     w = UsageWriter(UNREACHABLE, blocked / "spool.jsonl")
-    w.enqueue(record())
+    w.enqueue(usage_record())
     await w.close()
     assert w.pending == 1
