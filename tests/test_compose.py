@@ -28,13 +28,9 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def test_compose_file_resolves_and_runs_envoy_1_40() -> None:
-    compose = compose_command()
-    if compose is None:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    key = generate_master_key()
-    env = {**os.environ, "SPENDGATE_MASTER_KEY": key}
-    res = subprocess.run(
+def resolve(compose: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`compose config`: the compose file with its variables filled in, or why it can't be."""
+    return subprocess.run(
         [*compose, "-f", "docker-compose.yml", "config"],
         cwd=ROOT,
         env=env,
@@ -42,6 +38,15 @@ def test_compose_file_resolves_and_runs_envoy_1_40() -> None:
         text=True,
         timeout=120,
     )
+
+
+def test_compose_file_resolves_and_runs_envoy_1_40() -> None:
+    compose = compose_command()
+    if compose is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    key = generate_master_key()
+    env = {**os.environ, "SPENDGATE_MASTER_KEY": key}
+    res = resolve(compose, env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     services = yaml.safe_load(res.stdout)["services"]
     assert services["envoy"]["image"].startswith("envoyproxy/envoy:v1.40")
@@ -49,13 +54,6 @@ def test_compose_file_resolves_and_runs_envoy_1_40() -> None:
 
     # Without a master key the file refuses to resolve, and says how to make one.
     env.pop("SPENDGATE_MASTER_KEY")
-    res = subprocess.run(
-        [*compose, "-f", "docker-compose.yml", "config"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = resolve(compose, env)
     assert res.returncode != 0
     assert "spendgate master-key generate" in res.stdout + res.stderr
