@@ -301,7 +301,7 @@ class Exchange:
         charges = binding.charges(input_tokens + reserved_out)
         amount = Decimal(0)
         if holds:
-            cost = ceiling(self._set.prices, decision.model, input_tokens, max_out)
+            cost = ceiling(price, input_tokens, max_out)
             if cost is None:
                 return self.reject(
                     403,

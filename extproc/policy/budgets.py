@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from extproc.policy.limits import Charge
 from extproc.policy.schema import Budget, Policy
-from extproc.pricing import PER_MILLION, PriceTable
+from extproc.pricing import PER_MILLION, ModelPrice
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,11 @@ def holds_for(
     return tuple(out[k] for k in sorted(out))
 
 
-def ceiling(
-    prices: PriceTable, model: str | None, input_tokens: int, max_output: int | None
-) -> Decimal | None:
+def ceiling(price: ModelPrice | None, input_tokens: int, max_output: int | None) -> Decimal | None:
     """Worst-case cost: every input token at the dearest input rate, plus the full output ceiling.
 
-    None when the model has no price (it can't be budgeted, so it is refused) .
+    None when the model has no price (it can't be budgeted, so it is refused).
     """
-    price = prices.lookup(model)
     if price is None:
         return None
     out_tokens = max_output if max_output is not None else price.max_output_tokens

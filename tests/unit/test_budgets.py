@@ -48,16 +48,18 @@ def test_team_budget_does_not_cover_a_key_without_a_team() -> None:
 def test_ceiling_is_input_at_the_dearest_input_rate_plus_the_output_ceiling() -> None:
     prices = World().current.prices
     # fake-anthropic-model: input 3.00, cache write 3.75, output 15.00 per million
-    assert ceiling(prices, "fake-anthropic-model", 1000, 100) == Decimal("0.00525")
+    assert ceiling(prices.lookup("fake-anthropic-model"), 1000, 100) == Decimal("0.00525")
 
 
 def test_ceiling_without_max_tokens_uses_the_models_maximum_output() -> None:
     prices = World().current.prices
-    assert ceiling(prices, "fake-openai-model", 0, None) == Decimal(4096) * Decimal("10.00") / 1_000_000
+    assert (
+        ceiling(prices.lookup("fake-openai-model"), 0, None) == Decimal(4096) * Decimal("10.00") / 1_000_000
+    )
 
 
 def test_unpriced_model_has_no_ceiling() -> None:
-    assert ceiling(World().current.prices, "no-such-model", 10, 10) is None
+    assert ceiling(World().current.prices.lookup("no-such-model"), 10, 10) is None
 
 
 def test_thresholds_crossed_by_a_settlement_are_reported_once() -> None:
