@@ -23,9 +23,9 @@ import structlog
 
 from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
-from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling
+from extproc.policy.budgets import Admission, Hold, Refusal, Settlement, ceiling
 from extproc.policy.evaluate import Binding, Decision, decide
-from extproc.policy.limits import Throttle, window
+from extproc.policy.limits import Charge, Throttle, window
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
 from extproc.providers.base import (
@@ -253,10 +253,7 @@ class Exchange:
         charges = [c for c in binding.charges(0) if c.kind == "requests"]
         if not charges:
             return reply
-        win, reset = window(now)
-        self._admission = Admission(self.request_id, (), Decimal(0), tuple(charges), win, reset)
-        self._pending = reply
-        return self._admission
+        return self._await_admission(reply, (), Decimal(0), tuple(charges), now)
 
     def _upstream_path(self, path: str) -> str:
         assert self._entry is not None
@@ -308,6 +305,17 @@ class Exchange:
                     f"model '{decision.model}' has no price in the price table, so a budgeted key may not use it",
                 )
             amount = cost
+        return self._await_admission(reply, holds, amount, charges, now)
+
+    def _await_admission(
+        self,
+        reply: Reply,
+        holds: tuple[Hold, ...],
+        amount: Decimal,
+        charges: tuple[Charge, ...],
+        now: dt.datetime,
+    ) -> Admission:
+        """What the gatekeeper must grant; `reply` is sent once it has (see on_admitted)."""
         win, reset = window(now)
         self._admission = Admission(self.request_id, holds, amount, charges, win, reset)
         self._pending = reply
