@@ -23,6 +23,8 @@ class Usage:
     cache_write_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    # The part of cache_write_tokens written with a one-hour lifetime (Anthropic prices it higher).
+    cache_write_1h_tokens: int = 0
 
 
 def as_int(value: Any) -> int:
@@ -55,6 +57,8 @@ class UsageRecord:
     cache_hit: bool = False
     estimated: bool = False
     tags: dict[str, str] = field(default_factory=dict)
+    # Why this record deserves a second look: "implausible_usage", "fail_open", ...
+    flags: tuple[str, ...] = ()
 
     COLUMNS = (
         "request_id",
@@ -72,6 +76,7 @@ class UsageRecord:
         "cache_write_tokens",
         "output_tokens",
         "reasoning_tokens",
+        "cache_write_1h_tokens",
         "cost_usd",
         "price_version",
         "latency_ms",
@@ -82,10 +87,11 @@ class UsageRecord:
         "cache_hit",
         "estimated",
         "tags",
+        "flags",
     )
 
     def row(self) -> tuple[Any, ...]:
-        """Values in COLUMNS order, ready for COPY (tags stay a dict; the writer encodes them)."""
+        """Values in COLUMNS order, ready for COPY (tags stay a dict for the writer to encode; flags a list)."""
         u = self.usage
         return (
             self.request_id,
@@ -103,6 +109,7 @@ class UsageRecord:
             u.cache_write_tokens,
             u.output_tokens,
             u.reasoning_tokens,
+            u.cache_write_1h_tokens,
             self.cost_usd,
             self.price_version,
             self.latency_ms,
@@ -113,6 +120,7 @@ class UsageRecord:
             self.cache_hit,
             self.estimated,
             self.tags,
+            list(self.flags),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +140,8 @@ class UsageRecord:
             data["cache_write_tokens"],
             data["output_tokens"],
             data["reasoning_tokens"],
+            # Spool lines written before these fields existed lack them.
+            data.get("cache_write_1h_tokens", 0),
         )
         return cls(
             request_id=data["request_id"],
@@ -155,4 +165,5 @@ class UsageRecord:
             cache_hit=data["cache_hit"],
             estimated=data["estimated"],
             tags=data["tags"],
+            flags=tuple(data.get("flags", ())),
         )

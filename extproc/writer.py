@@ -177,7 +177,7 @@ class UsageWriter:
                     async with cur.copy(f"COPY {_STAGE} ({_COLS}) FROM STDIN".encode()) as copy:
                         for r in batch:
                             row = r.row()
-                            await copy.write_row((*row[:-1], Jsonb(row[-1])))
+                            await copy.write_row((*row[:-2], Jsonb(row[-2]), row[-1]))
                     await cur.execute(
                         f"INSERT INTO usage_events ({_COLS}) SELECT {_COLS} FROM {_STAGE}"
                         " ON CONFLICT DO NOTHING".encode()

@@ -28,6 +28,12 @@ class ParsedRequest:
     model: str | None
     stream: bool
     max_tokens: int | None = None
+    # How many completions one request bills (OpenAI `n`, `best_of`; Gemini `candidateCount`):
+    # the output ceiling is reserved this many times.
+    multiplier: int = 1
+    # A worst-case token count for input tiktoken cannot read (images, audio, files), added to
+    # the counted text when a reservation is made.
+    extra_input_tokens: int = 0
     body: Any = None  # the decoded JSON document, kept for a fallback token count
     rewritten: bytes | None = None  # a new body to send upstream, when the proxy changed it
     strip_usage: bool = False  # the proxy asked for usage the client did not: hide it again
