@@ -5,9 +5,10 @@ from __future__ import annotations
 import structlog
 
 from extproc.budget_store import BudgetStore, BudgetUnavailable
-from extproc.exchange import Exchange, Reply
 from extproc.policy.budgets import Admission, Settlement
-from extproc.ratelimit import Limiter, Verdict
+from extproc.ratelimit import Limiter
+from extproc.ratelimit import Verdict as LimiterVerdict
+from extproc.verdict import Granted, OverBudget, Throttled, Unavailable, Verdict
 
 log = structlog.get_logger("spendgate.admission")
 
@@ -20,28 +21,27 @@ class Gatekeeper:
         self.limiter = limiter
         self.throttles = 0
 
-    async def admit(self, ex: Exchange, adm: Admission) -> Reply:
-        """Charge rate limits (all or nothing), then reserve budget; answer the Exchange."""
+    async def admit(self, adm: Admission) -> Verdict:
+        """Charge rate limits (all or nothing), then reserve budget; say what happened."""
         if adm.charges:
             try:
-                verdict = await self.limiter.take(adm.charges, adm.window, adm.reset_seconds)
+                limited = await self.limiter.take(adm.charges, adm.window, adm.reset_seconds)
             except Exception as exc:  # Redis down or slow: a limit that can't be checked is not enforced
-                log.warning("ratelimit.unavailable", request_id=ex.request_id, error=type(exc).__name__)
-                verdict = Verdict(None)
-            for would in verdict.shadow:
-                log.info("ratelimit.shadow_rejection", request_id=ex.request_id, reason=would.message())
-            throttle = verdict.throttle
-            if throttle is not None:
+                log.warning("ratelimit.unavailable", request_id=adm.request_id, error=type(exc).__name__)
+                limited = LimiterVerdict(None)
+            for would in limited.shadow:
+                log.info("ratelimit.shadow_rejection", request_id=adm.request_id, reason=would.message())
+            if limited.throttle is not None:
                 self.throttles += 1
-                return ex.on_throttled(throttle)
+                return Throttled(limited.throttle)
         if not adm.holds:
-            return ex.on_admitted(None)
+            return Granted(budget_held=False)
         try:
             refusal = await self.budgets.reserve(adm)
         except BudgetUnavailable as exc:
-            log.warning("budget.unavailable", request_id=ex.request_id, error=str(exc)[:200])
-            return ex.on_budget_unavailable()
-        return ex.on_admitted(refusal)
+            log.warning("budget.unavailable", request_id=adm.request_id, error=str(exc)[:200])
+            return Unavailable(str(exc)[:200])
+        return Granted(budget_held=True) if refusal is None else OverBudget(refusal)
 
     def settle(self, s: Settlement) -> None:
         """Called from the request path when a granted request ends; returns at once."""

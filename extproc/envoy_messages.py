@@ -116,3 +116,25 @@ def response_body(reply: Reply | None) -> pb.ProcessingResponse:
     if reply.body is not None:
         common.body_mutation.body = reply.body
     return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+
+def unchanged(phase: str | None) -> pb.ProcessingResponse:
+    """A reply to `phase` that lets it go on as it is (every phase must be answered)."""
+    if phase == "request_headers":
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+    if phase == "request_body":
+        return pb.ProcessingResponse(request_body=pb.BodyResponse())
+    if phase == "response_headers":
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if phase == "response_body":
+        return _EMPTY_RESPONSE_BODY
+    if phase == "request_trailers":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def failed(phase: str | None, reply: Reply | None) -> pb.ProcessingResponse:
+    """The reply to a phase the Exchange failed on: its refusal, or the phase unchanged."""
+    if reply is not None and reply.immediate_status is not None:
+        return immediate(reply)
+    return unchanged(phase)

@@ -23,9 +23,11 @@ import structlog
 
 from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
-from extproc.policy.budgets import Admission, Hold, Refusal, Settlement, ceiling
-from extproc.policy.evaluate import Binding, Decision, decide
-from extproc.policy.limits import Charge, Throttle, window
+from extproc.paths import UnsafePath, canonical_path
+from extproc.plausibility import bounds_for, within
+from extproc.policy.budgets import Admission, Hold, Settlement, ceiling
+from extproc.policy.evaluate import Binding, Decision, canonical_model, decide
+from extproc.policy.limits import Charge, window
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
 from extproc.providers.base import (
@@ -38,6 +40,7 @@ from extproc.providers.base import (
     count_prompt,
 )
 from extproc.usage import Usage, UsageRecord
+from extproc.verdict import Granted, OverBudget, Throttled, Unavailable, Verdict
 
 log = structlog.get_logger("spendgate.exchange")
 
@@ -50,7 +53,10 @@ FAILOVER_HEADER = "x-spendgate-failover"
 SERVED_BY_HEADER = "x-spendgate-served-by"
 # Every place a client may put a credential. All are cleared before the request goes up, so a
 # wrapped key can never reach a provider whichever header it came in.
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key", "proxy-authorization")
+# Query parameters any provider accepts a credential in (compared lower case): a wrapped key in
+# any of them is dropped before the request goes up, whichever one the client chose.
+CREDENTIAL_QUERY = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "x-goog-api-key"})
 _STRIP_ALWAYS = (*CREDENTIAL_HEADERS, TAGS_HEADER, "accept-encoding")
 # The only headers an Exchange reads; the servicer decodes nothing else.
 HEADERS_READ = frozenset(
@@ -69,6 +75,10 @@ HEADERS_READ = frozenset(
 )
 
 BodyMode = Literal["BUFFERED", "STREAMED"]
+# A compressed response is accounted on at most this much inflated content.
+MAX_INFLATED_BYTES = 16 * 1024 * 1024
+# Flags that mean the figures on the record were not all read from the provider.
+_ESTIMATING_FLAGS = frozenset({"internal_error", "body_too_large_to_account"})
 
 
 @dataclass
@@ -100,7 +110,7 @@ class PolicySource(Protocol):
         """The prices and policies to apply to a request starting now."""
 
 
-def _presented_credentials(headers: dict[str, str], query: dict[str, str]) -> list[str]:
+def _presented_credentials(headers: dict[str, str], query: list[tuple[str, str]]) -> list[str]:
     found = []
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
@@ -108,8 +118,7 @@ def _presented_credentials(headers: dict[str, str], query: dict[str, str]) -> li
     for name in ("x-api-key", "x-goog-api-key", "api-key"):
         if name in headers:
             found.append(headers[name].strip())
-    if "key" in query:
-        found.append(query["key"])
+    found.extend(v for k, v in query if k.strip().lower() in CREDENTIAL_QUERY)
     return found
 
 
@@ -157,7 +166,7 @@ class Exchange:
         self._entry: KeyEntry | None = None
         self._api = PASSTHROUGH
         self._path = ""
-        self._query: dict[str, str] = {}
+        self._query: list[tuple[str, str]] = []
         self._model_routed: str | None = None
         self._input_tokens: int | None = None
         self._served_by: str | None = None
@@ -167,6 +176,11 @@ class Exchange:
         self._stream: StreamAccountant | None = None
         self._json_body: list[bytes] = []
         self._inflate: zlib._Decompress | None = None
+        self._inflated = 0  # bytes inflated so far; bounded so a gzip bomb can't stall the loop
+        self._flags: set[str] = set()  # see UsageRecord.flags
+        self._broken = False  # accounting failed mid-response: pass the rest through untouched
+        self._body_bytes = 0
+        self._max_out: int | None = None  # per completion, after policy clamps
         self._tags: dict[str, str] = {}
         self._rewrite_error = False
         self._first_chunk_seen = False
@@ -184,7 +198,7 @@ class Exchange:
         method = headers.get(":method", "")
         raw_path = headers.get(":path", "/")
         path, _, qs = raw_path.partition("?")
-        query = dict(parse_qsl(qs, keep_blank_values=True)) if qs else {}
+        query = parse_qsl(qs, keep_blank_values=True) if qs else []
         presented = _presented_credentials(headers, query)
         now = dt.datetime.now(dt.UTC)
         entry = next((e for e in (self._keys.lookup(p, now) for p in presented) if e is not None), None)
@@ -206,10 +220,15 @@ class Exchange:
         self._entry = entry
         provider = PROVIDERS[entry.provider]
         self._provider = provider
-        self._api = provider.api_for(method, path) or PASSTHROUGH
         self._path = path
         if TAGS_HEADER in headers:
             self._tags = parse_tags(headers[TAGS_HEADER], self._limits.max_tags)
+        try:
+            # Accounting, policy and the upstream all see this one path, never the raw one.
+            self._path = canonical_path(path)
+        except UnsafePath as exc:
+            return self.reject(400, f"invalid request path: {exc}")
+        self._api = provider.api_for(method, self._path) or PASSTHROUGH
 
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
@@ -223,15 +242,16 @@ class Exchange:
             reply.set_headers.append((FAILOVER_HEADER, str(entry.credential_id)))
         elif FAILOVER_HEADER in headers:
             reply.remove_headers.append(FAILOVER_HEADER)
-        query.pop("key", None)
-        self._query = query
-        new_path = self._upstream_path(path)
+        self._query = [(k, v) for k, v in query if k.strip().lower() not in CREDENTIAL_QUERY]
+        new_path = self._upstream_path(self._path)
         if new_path != raw_path:
             reply.set_headers.append((":path", new_path))
         if self._api == PASSTHROUGH:
-            return self._admit_passthrough(entry, method, path, reply, now)
-        if not end_of_stream:
-            reply.request_body_mode = "BUFFERED"
+            return self._admit_passthrough(entry, method, self._path, reply, now)
+        if end_of_stream:
+            # No body phase will follow: forwarding it would let an accounted API through unpriced.
+            return self.reject(400, "request body is empty; expected a JSON object")
+        reply.request_body_mode = "BUFFERED"
         return reply
 
     def _admit_passthrough(
@@ -241,15 +261,24 @@ class Exchange:
         cannot see, and every request counts against requests-per-minute limits."""
         assert self._provider is not None
         binding = self._set.binding(entry.subject)
-        holds = sorted(binding.holds(now), key=lambda h: h.shadow)  # an enforced budget first
-        if holds and not self._provider.is_free(method, path):
-            reason = (
-                f"{method} {path} is not metered by Spendgate, so a key under budget policy "
-                f"'{holds[0].policy}' may not use it"
-            )
-            if not holds[0].shadow:
-                return self.reject(403, reason)
-            log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
+        if not self._provider.is_free(method, path):
+            holds = sorted(binding.holds(now), key=lambda h: h.shadow)  # an enforced budget first
+            if holds:
+                reason = (
+                    f"{method} {path} is not metered by Spendgate, so a key under budget policy "
+                    f"'{holds[0].policy}' may not use it"
+                )
+                if not holds[0].shadow:
+                    return self.reject(403, reason)
+                log.info("policy.shadow_rejection", request_id=self.request_id, status=403, reason=reason)
+            if not binding.passes_through(method, path):
+                # Whatever Spendgate cannot account is refused unless a policy names it: an
+                # unknown path may start paid work upstream that no record would ever show.
+                return self.reject(
+                    403,
+                    f"{method} {path} is not an API Spendgate meters; a policy's passthrough list "
+                    "must name it before it is forwarded",
+                )
         charges = [c for c in binding.charges(0) if c.kind == "requests"]
         if not charges:
             return reply
@@ -266,6 +295,7 @@ class Exchange:
         if len(body) > self._limits.max_request_body_bytes:
             # A chunked upload carries no content-length for the header check to catch.
             return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
+        self._body_bytes = len(body)
         try:
             self._request = self._provider.parse_request(self._api, self._path, body)
         except BadRequest as exc:
@@ -290,22 +320,36 @@ class Exchange:
         holds = binding.holds(now)
         if not holds and not binding.rate_limits:
             return reply
-        input_tokens = self._counted_input(req)
-        ceilings = [m for m in (req.max_tokens, decision.max_tokens) if m is not None]
-        max_out = min(ceilings) if ceilings else None
-        price = self._set.prices.lookup(decision.model)
-        reserved_out = max_out if max_out is not None else (price.max_output_tokens if price else 0)
+        price = self._set.prices.lookup(canonical_model(decision.model))
+        input_tokens = self._counted_input(req) + req.extra_input_tokens
+        max_out = self._max_out
+        if price is not None and price.max_output_tokens and max_out is not None and max_out > price.max_output_tokens:
+            return self.reject(
+                400,
+                f"max_tokens is too large: {max_out}. Model '{decision.model}' supports at most "
+                f"{price.max_output_tokens} output tokens",
+            )
+        per_completion = max_out if max_out is not None else (price.max_output_tokens if price else 0)
+        # Every completion the request asks for (n, best_of, candidateCount) may run to the ceiling.
+        reserved_out = per_completion * req.multiplier
         charges = binding.charges(input_tokens + reserved_out)
         amount = Decimal(0)
         if holds:
-            cost = ceiling(price, input_tokens, max_out)
+            cost = ceiling(price, input_tokens, reserved_out) if price and per_completion else None
             if cost is None:
                 return self.reject(
                     403,
-                    f"model '{decision.model}' has no price in the price table, so a budgeted key may not use it",
+                    f"model '{decision.model}' has no price or output limit in the price table, so a "
+                    "budgeted key may not use it",
                 )
             amount = cost
         return self._await_admission(reply, holds, amount, charges, now)
+
+    @staticmethod
+    def _output_ceiling(req: ParsedRequest, decision: Decision) -> int | None:
+        """The tightest output ceiling per completion: the request's own, or a policy clamp."""
+        ceilings = [m for m in (req.max_tokens, decision.max_tokens) if m is not None]
+        return min(ceilings) if ceilings else None
 
     def _await_admission(
         self,
@@ -315,7 +359,7 @@ class Exchange:
         charges: tuple[Charge, ...],
         now: dt.datetime,
     ) -> Admission:
-        """What the gatekeeper must grant; `reply` is sent once it has (see on_admitted)."""
+        """What the gatekeeper must grant; `reply` is sent once it has (see `apply`)."""
         win, reset = window(now)
         self._admission = Admission(self.request_id, holds, amount, charges, win, reset)
         self._pending = reply
@@ -343,6 +387,7 @@ class Exchange:
             return self.reject(403, decision.reject), None
         self._tags = {**decision.tags, **self._tags}  # the request's own tags win over defaults
         self._model_routed = decision.model
+        self._max_out = self._output_ceiling(req, decision)
         change = Change(
             model=decision.model if decision.model != req.model else None,
             max_tokens=decision.max_tokens,
@@ -397,9 +442,13 @@ class Exchange:
     # -- response body -----------------------------------------------------------------
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> Reply | None:
         """Account one body chunk; return a Reply only when the client must see something else."""
+        if self._broken:
+            if end_of_stream:
+                self.finalize("complete")
+            return None
         if self._rewrite_error:
             return self._rewritten_error(chunk)
-        data = self._inflate.decompress(chunk) if self._inflate is not None else chunk
+        data = self._inflated_bytes(chunk) if self._inflate is not None else chunk
         replacement = None
         if self._stream is not None:
             if not self._first_chunk_seen:
@@ -415,6 +464,21 @@ class Exchange:
         if end_of_stream:
             self.finalize("complete")
         return Reply(body=replacement) if replacement is not None else None
+
+    def _inflated_bytes(self, chunk: bytes) -> bytes:
+        """A compressed chunk's content, up to MAX_INFLATED_BYTES for the whole response."""
+        assert self._inflate is not None
+        room = MAX_INFLATED_BYTES - self._inflated
+        if room <= 0:
+            return b""
+        data = self._inflate.decompress(chunk, room)
+        self._inflated += len(data)
+        if self._inflate.unconsumed_tail:
+            # Past the bound the rest is not read (the client still gets every byte); the
+            # record is estimated from what was.
+            self._inflated = MAX_INFLATED_BYTES
+            self._flags.add("body_too_large_to_account")
+        return data
 
     def _rewritten_error(self, body: bytes) -> Reply:
         assert self._provider is not None
@@ -455,37 +519,66 @@ class Exchange:
         )
 
     # -- budgets -------------------------------------------------------------------------
-    def on_throttled(self, throttle: Throttle) -> Reply:
-        """A rate limit had no room: nothing was charged, nothing was reserved."""
-        self._admission = None
-        return self.reject(429, throttle.message(), headers=throttle.headers())
-
-    def on_admitted(self, refusal: Refusal | None) -> Reply:
-        """The budget store's answer, once rate limits have been charged."""
+    def apply(self, verdict: Verdict) -> Reply:
+        """The reply a gatekeeper's verdict on this request's Admission calls for."""
         assert self._admission is not None and self._pending is not None
-        if refusal is None:
-            self._budget_held = bool(self._admission.holds)
+        if isinstance(verdict, Granted):
+            self._budget_held = verdict.budget_held
             return self._pending
-        retry = max(1, int((refusal.hold.period_end - dt.datetime.now(dt.UTC)).total_seconds()))
-        return self.reject(
-            429, refusal.message(self._admission.amount), headers=(("retry-after", str(retry)),)
-        )
-
-    def on_budget_unavailable(self) -> Reply:
-        """Postgres could not be asked: a budgeted request is not let through unchecked."""
+        if isinstance(verdict, Throttled):
+            self._admission = None  # nothing was charged, nothing reserved: nothing to settle
+            return self.reject(429, verdict.throttle.message(), headers=verdict.throttle.headers())
+        if isinstance(verdict, OverBudget):
+            refusal = verdict.refusal
+            retry = max(1, int((refusal.hold.period_end - dt.datetime.now(dt.UTC)).total_seconds()))
+            return self.reject(
+                429, refusal.message(self._admission.amount), headers=(("retry-after", str(retry)),)
+            )
+        assert isinstance(verdict, Unavailable)
         return self.reject(503, "budget store unavailable; the request was not forwarded. Retry shortly.")
 
+    def fail(self, phase: str | None) -> Reply | None:
+        """A defect surfaced while handling `phase`: refuse a request that has not gone up yet;
+        let a response already on its way pass untouched and record it as estimated."""
+        self._flags.add("internal_error")
+        if phase in ("request_headers", "request_body"):
+            if self._provider is None:
+                self._provider = PROVIDERS["openai"]
+            self._admission = None  # nothing was reserved for a request that never got that far
+            return self.reject(
+                500, "Spendgate could not process this request, so it was not forwarded", record=not self.finished
+            )
+        self._broken = True
+        self._stream = None
+        self._json_body = []
+        self._rewrite_error = False
+        if phase == "response_headers":
+            self.finalize("complete" if self._status < 400 else "upstream_error")
+        return None
+
     def finalize(self, outcome: str) -> None:
-        """Build and emit the one usage record of this request."""
+        """Build and emit the one usage record of this request; never raises."""
         if self.finished:
             return
         self.finished = True
         entry, provider = self._entry, self._provider
         if entry is None or provider is None:
             return
-        usage, model_used, estimated = self._settle_usage(outcome)
+        try:
+            usage, model_used, estimated = self._settle_usage(outcome)
+        except Exception as exc:  # whatever the upstream sent, the request is still recorded
+            log.exception("usage.unreadable", request_id=self.request_id, error=type(exc).__name__)
+            self._flags.add("internal_error")
+            usage, model_used, estimated = Usage(), None, True
+        if self._request is not None and usage != Usage():
+            usage = self._plausible(usage)
         prices = self._set.prices
         model = model_used or self._model_routed or (self._request.model if self._request else None)
+        try:
+            cost = prices.cost(canonical_model(model), usage)
+        except ArithmeticError:
+            cost = None
+            self._flags.add("cost_unavailable")
         record = UsageRecord(
             request_id=self.request_id,
             ts=self._ts,
@@ -498,15 +591,16 @@ class Exchange:
             model_used=model,
             upstream=self._served_by or entry.upstream.cluster,
             usage=usage,
-            cost_usd=prices.cost(model, usage),
+            cost_usd=cost,
             price_version=prices.version,
             latency_ms=self._elapsed_ms(),
             ttft_ms=self._ttft_ms,
             status=self._status or 499,
             outcome=outcome,
             stream=bool(self._request and self._request.stream),
-            estimated=estimated,
+            estimated=estimated or bool(self._flags & _ESTIMATING_FLAGS),
             tags=self._tags,
+            flags=tuple(sorted(self._flags)),
         )
         self._emit(record)
         if self._admission is not None:
@@ -515,6 +609,28 @@ class Exchange:
             self._settle(
                 Settlement(self._admission, record.cost_usd or Decimal(0), tokens_used, self._budget_held)
             )
+
+    def _plausible(self, usage: Usage) -> Usage:
+        """Reported usage clamped to what the request could have produced (see plausibility)."""
+        req = self._request
+        assert req is not None
+        price = self._set.prices.lookup(canonical_model(self._model_routed or req.model))
+        limits = [m for m in (self._max_out, price.max_output_tokens if price else None) if m]
+        bounds = bounds_for(
+            req.body, self._body_bytes, req.extra_input_tokens, req.multiplier, min(limits, default=None)
+        )
+        clamped, changed = within(usage, bounds)
+        if changed:
+            self._flags.add("implausible_usage")
+            log.warning(
+                "usage.implausible",
+                request_id=self.request_id,
+                reported_input=usage.input_tokens,
+                reported_output=usage.output_tokens,
+                bound_input=bounds.input_tokens,
+                bound_output=bounds.output_tokens,
+            )
+        return clamped
 
     def _settle_usage(self, outcome: str) -> tuple[Usage, str | None, bool]:
         """Provider-reported usage when there is some; a tiktoken estimate where it is missing."""
@@ -532,7 +648,7 @@ class Exchange:
             body = b"".join(self._json_body)
             try:
                 reported, model = self._provider.usage_from_response(self._api, json.loads(body))
-            except ValueError:
+            except (ValueError, RecursionError):
                 reported = None
         # A stream can end cleanly yet without its final usage event (an error event mid-way):
         # text that was delivered but not counted means the report is not the whole story.
@@ -540,12 +656,13 @@ class Exchange:
             return reported, model, False
         # Cut short, or the provider never said: count what we can, keep what it did report.
         base = reported or Usage()
-        input_tokens = base.input_tokens or count_prompt(self._provider, self._api, req.body)
+        input_tokens = base.input_tokens or self._counted_input(req)
         output_tokens = base.output_tokens or tokens.count(text)
         estimated = Usage(
             input_tokens=input_tokens,
             cached_input_tokens=base.cached_input_tokens,
             cache_write_tokens=base.cache_write_tokens,
+            cache_write_1h_tokens=base.cache_write_1h_tokens,
             output_tokens=output_tokens,
             reasoning_tokens=base.reasoning_tokens,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -17,6 +18,9 @@ from extproc.metrics import Metrics
 from extproc.policy.budgets import Admission
 
 log = structlog.get_logger("spendgate.servicer")
+
+# Request bodies above this size are parsed and counted on a worker thread.
+_INLINE_BODY_BYTES = 64 * 1024
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -46,39 +50,54 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         try:
             async for req in request_iterator:
                 phase = req.WhichOneof("request")
-                if phase == "response_body":
-                    body = req.response_body
-                    yield msg.response_body(ex.on_response_body(body.body, body.end_of_stream))
-                elif phase == "request_headers":
-                    headers = req.request_headers
-                    reply = await self._admitted(
-                        ex, ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
-                    )
-                    if reply.immediate_status == 401:  # refused before any record exists
-                        self._metrics.inc("spendgate_unauthenticated_total")
-                    yield msg.request_headers(reply)
-                elif phase == "request_body":
-                    yield msg.request_body(
-                        await self._admitted(ex, ex.on_request_body(req.request_body.body))
-                    )
-                elif phase == "response_headers":
-                    headers = req.response_headers
-                    yield msg.response_headers(
-                        ex.on_response_headers(msg.header_map(headers), headers.end_of_stream)
-                    )
-                else:
-                    # Trailers are configured off; if one arrives anyway it must still be answered.
-                    yield _continue(phase)
+                try:
+                    resp = await self._answer(ex, req, phase)
+                except Exception as exc:
+                    # A defect must neither leave the phase unanswered (Envoy would then forward the
+                    # request as it is) nor lose the record: fail closed on the way in, pass the
+                    # upstream's answer through on the way out, and record what is known.
+                    log.exception("exchange.failed", request_id=ex.request_id, phase=phase, error=type(exc).__name__)
+                    self._metrics.inc("spendgate_exchange_failures_total", phase=str(phase))
+                    resp = msg.failed(phase, ex.fail(phase))
+                yield resp
                 if ex.finished:
                     # Nothing more is needed from this request: closing frees Envoy's side too.
                     return
         finally:
             ex.abandon()
 
+    async def _answer(self, ex: Exchange, req: pb.ProcessingRequest, phase: str | None) -> pb.ProcessingResponse:
+        """The reply to one phase."""
+        if phase == "response_body":
+            body = req.response_body
+            return msg.response_body(ex.on_response_body(body.body, body.end_of_stream))
+        if phase == "request_headers":
+            headers = req.request_headers
+            reply = await self._admitted(ex, ex.on_request_headers(msg.header_map(headers), headers.end_of_stream))
+            if reply.immediate_status == 401:  # refused before any record exists
+                self._metrics.inc("spendgate_unauthenticated_total")
+            return msg.request_headers(reply)
+        if phase == "request_body":
+            body = req.request_body.body
+            if len(body) > _INLINE_BODY_BYTES:
+                # Decoding and counting a large body takes milliseconds: not on the event loop,
+                # where it would stall every other request's phases.
+                outcome = await asyncio.to_thread(ex.on_request_body, body)
+            else:
+                outcome = ex.on_request_body(body)
+            return msg.request_body(await self._admitted(ex, outcome))
+        if phase == "response_headers":
+            headers = req.response_headers
+            return msg.response_headers(ex.on_response_headers(msg.header_map(headers), headers.end_of_stream))
+        # Trailers are configured off; if one arrives anyway it must still be answered.
+        if phase not in ("request_trailers", "response_trailers"):
+            log.warning("ext_proc.unexpected_phase", phase=phase)
+        return msg.unchanged(phase)
+
     async def _admitted(self, ex: Exchange, outcome: Reply | Admission) -> Reply:
         """The reply to send: an Admission is first put to the gatekeeper."""
         if isinstance(outcome, Admission):
-            return await self._gatekeeper.admit(ex, outcome)
+            return ex.apply(await self._gatekeeper.admit(outcome))
         return outcome
 
     async def _upstream(
@@ -103,13 +122,4 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 yield msg.response_headers(attempt.on_response_headers())
                 return
             else:
-                yield _continue(phase)
-
-
-def _continue(phase: str | None) -> pb.ProcessingResponse:
-    if phase == "request_trailers":
-        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-    if phase == "response_trailers":
-        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-    log.warning("ext_proc.unexpected_phase", phase=phase)
-    return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                yield msg.unchanged(phase)

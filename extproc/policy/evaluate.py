@@ -14,6 +14,15 @@ from extproc.policy.schema import Budget, Policy, RateLimit
 _REMEMBERED_MODELS = 64
 
 
+def canonical_model(name: str | None) -> str:
+    """A model name as rules and prices compare it: trimmed, lower case, no `models/` prefix.
+
+    Providers resolve `GPT-4o`, ` gpt-4o ` and `models/gpt-4o` alike (or refuse them); a rule
+    that compared raw text would let a respelling through.
+    """
+    return (name or "").strip().lower().removeprefix("models/")
+
+
 @dataclass(frozen=True)
 class Subject:
     """Who is calling, as the key table knows it."""
@@ -60,14 +69,16 @@ class Binding:
         self.policies = tuple(
             sorted((p for p in policies if binds(p, who)), key=lambda p: p.applies_to.specificity)
         )
-        self.aliases: dict[str, str] = {}
+        self.aliases: dict[str, str] = {}  # canonical name -> model to send
+        self.passthrough: list[str] = []
         self.max_tokens: int | None = None
         self.system_prompt: str | None = None
         self.tags: dict[str, str] = {}
         self.budgets: list[tuple[Policy, Budget]] = []
         self.rate_limits: list[tuple[Policy, RateLimit]] = []
         for p in self.policies:
-            self.aliases.update(p.aliases)
+            self.aliases.update({canonical_model(k): v for k, v in p.aliases.items()})
+            self.passthrough += p.passthrough
             t = p.transforms
             if t.max_tokens is not None:
                 # Clamps combine to the tightest: a broad cap can't be loosened by a narrow policy.
@@ -104,6 +115,11 @@ class Binding:
             for c in self._counters
         )
 
+    def passes_through(self, method: str, path: str) -> bool:
+        """Whether a bound policy lets an unmetered `method path` be forwarded."""
+        request = f"{method} {path}"
+        return any(fnmatchcase(request, pattern) for pattern in self.passthrough)
+
     def verdict(self, model: str | None) -> tuple[str | None, tuple[str, ...]]:
         """What the model rules say of `model`: a reason to reject it, and what shadow rules
         would have rejected. Kept for the first models a caller asks for."""
@@ -136,7 +152,7 @@ def decide(
     picks the branch of a weighted split (the caller supplies the randomness).
     """
     b = binding
-    routed = b.aliases.get(model, model) if model else model
+    routed = b.aliases.get(canonical_model(model), model) if model else model
     if b.routes:
         routed = _route(b.policies, routed, input_tokens, draw)
     reject, shadow = b.verdict(routed)
@@ -150,13 +166,13 @@ def _route(
     if model is None:
         return None
     for p in reversed(bound):
-        rule = next((r for r in p.routing.downgrade if fnmatchcase(model, r.model)), None)
+        rule = next((r for r in p.routing.downgrade if _matches(model, r.model)), None)
         if rule is not None:
             if input_tokens() < rule.max_input_tokens:
                 model = rule.to
             break
     for p in reversed(bound):
-        split = next((s for s in p.routing.split if fnmatchcase(model, s.model)), None)
+        split = next((s for s in p.routing.split if _matches(model, s.model)), None)
         if split is not None:
             total = sum(w.weight for w in split.to)
             point, acc = draw * total, 0
@@ -173,9 +189,13 @@ def _model_refusal(policy: Policy, model: str | None) -> str | None:
     if not rules.allow and not rules.deny:
         return None
     name = model or ""
-    denied = next((pat for pat in rules.deny if fnmatchcase(name, pat)), None)
+    denied = next((pat for pat in rules.deny if _matches(name, pat)), None)
     if denied is not None:
         return f"model '{name}' is not allowed by policy '{policy.name}' (denied by '{denied}')"
-    if rules.allow and not any(fnmatchcase(name, pat) for pat in rules.allow):
+    if rules.allow and not any(_matches(name, pat) for pat in rules.allow):
         return f"model '{name}' is not allowed by policy '{policy.name}' (allowed: {', '.join(rules.allow)})"
     return None
+
+
+def _matches(model: str, pattern: str) -> bool:
+    return fnmatchcase(canonical_model(model), canonical_model(pattern))

@@ -124,6 +124,18 @@ class Policy(_Strict):
     transforms: Transforms = Field(default_factory=Transforms)
     budgets: list[Budget] = Field(default_factory=list)
     rate_limits: list[RateLimit] = Field(default_factory=list)
+    # Requests Spendgate does not meter that may still be forwarded: "METHOD /path" globs,
+    # e.g. "POST /v1/files" or "POST /v1/images/*". Keys under a budget never get them.
+    passthrough: list[str] = Field(default_factory=list)
+
+    @field_validator("passthrough")
+    @classmethod
+    def _method_and_path(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            method, _, path = entry.partition(" ")
+            if not method.isupper() or not path.startswith("/"):
+                raise ValueError(f"'{entry}': a passthrough entry is 'METHOD /path-glob', e.g. 'POST /v1/files'")
+        return v
 
 
 class PolicyFile(_Strict):

@@ -7,6 +7,9 @@ from decimal import Decimal
 
 from extproc.policy.budgets import Admission, Refusal, Settlement, ceiling, crossed, holds_for, period_bounds
 from extproc.policy.schema import Policy
+from extproc.pricing import ModelPrice
+from extproc.usage import Usage
+from extproc.verdict import Granted, OverBudget
 from tests.unit.test_exchange import World, headers
 
 NOW = dt.datetime(2026, 11, 27, 15, 30, tzinfo=dt.UTC)  # a Friday
@@ -62,6 +65,61 @@ def test_unpriced_model_has_no_ceiling() -> None:
     assert ceiling(World().current.prices.lookup("no-such-model"), 10, 10) is None
 
 
+def tiered(tier: dict[str, str], **base: str) -> ModelPrice:
+    return ModelPrice.model_validate(
+        {
+            "provider": "gemini",
+            "max_output_tokens": 65536,
+            **base,
+            "tiers": [{"above_input_tokens": 200000, **tier}],
+        }
+    )
+
+
+def test_ceiling_of_a_short_prompt_still_uses_the_dearest_tier() -> None:
+    # Gemini 2.5 Pro's cards: the counted prompt is short, but the provider's own count (another
+    # tokenizer, files, a cachedContent the body only names) may land in the long-prompt tier.
+    price = tiered(
+        {"input": "2.50", "cached_input": "0.25", "output": "15.00"},
+        input="1.25",
+        cached_input="0.125",
+        output="10.00",
+    )
+    # 1,000 input at $2.50/M = $0.0025; 100 output at $15/M = $0.0015
+    assert ceiling(price, 1000, 100) == Decimal("0.004")
+
+
+def test_ceiling_is_safe_when_a_tier_is_cheaper_than_the_base_card() -> None:
+    price = tiered(
+        {"input": "1.00", "cached_input": "0.10", "output": "5.00"},
+        input="3.00",
+        cached_input="0.30",
+        output="15.00",
+    )
+    # Whatever card the request lands on, the base card's rates bound it:
+    # 500,000 input at $3/M = $1.50; 1,000 output at $15/M = $0.015
+    assert ceiling(price, 500_000, 1000) == Decimal("1.515")
+    # and a long prompt is in fact billed on the cheaper tier, well inside that:
+    # 500,000 input at $1/M = $0.50; 1,000 output at $5/M = $0.005
+    assert price.cost(Usage(input_tokens=500_000, output_tokens=1000)) == Decimal("0.505")
+
+
+def test_ceiling_prices_input_at_the_one_hour_cache_write_rate() -> None:
+    price = ModelPrice.model_validate(
+        {
+            "provider": "anthropic",
+            "input": "3.00",
+            "cached_input": "0.30",
+            "output": "15.00",
+            "cache_write": "3.75",
+            "cache_write_1h": "6.00",
+            "max_output_tokens": 64000,
+        }
+    )
+    # Every input token could be a 1-hour write: 1,000 at $6/M = $0.006; 100 output at $15/M = $0.0015
+    assert ceiling(price, 1000, 100) == Decimal("0.0075")
+
+
 def test_thresholds_crossed_by_a_settlement_are_reported_once() -> None:
     assert crossed((0.5, 0.8), Decimal(100), Decimal(70), Decimal(85)) == [0.8]
     assert crossed((0.5, 0.8), Decimal(100), Decimal(85), Decimal(90)) == []
@@ -89,7 +147,7 @@ def test_refused_admission_is_a_429_naming_the_budget_with_retry_after() -> None
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
     adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
     assert isinstance(adm, Admission)
-    reply = ex.on_admitted(Refusal(adm.holds[0], Decimal("0.99"), Decimal(0)))
+    reply = ex.apply(OverBudget(Refusal(adm.holds[0], Decimal("0.99"), Decimal(0))))
     assert reply.immediate_status == 429 and b"policy 'cap'" in (reply.body or b"")
     assert any(k == "retry-after" and int(v) > 0 for k, v in reply.set_headers)
 
@@ -101,7 +159,7 @@ def test_finished_request_settles_its_reservation_at_the_real_cost() -> None:
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
     adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
     assert isinstance(adm, Admission)
-    ex.on_admitted(None)
+    ex.apply(Granted(budget_held=True))
     ex.on_response_headers({":status": "200", "content-type": "application/json"}, False)
     ex.on_response_body(b'{"usage":{"prompt_tokens":1000,"completion_tokens":100}}', True)
     (s,) = settled
@@ -114,7 +172,7 @@ def test_failed_request_releases_its_reservation() -> None:
     ex = w.exchange(settle=settled.append)
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
     ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
-    ex.on_admitted(None)
+    ex.apply(Granted(budget_held=True))
     ex.on_response_headers({":status": "500", "content-type": "application/json"}, False)
     assert settled[0].cost == 0
 
@@ -132,7 +190,7 @@ async def test_unreachable_postgres_refuses_a_budgeted_request_with_503() -> Non
         ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
         adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
         assert isinstance(adm, Admission)
-        reply = await Gatekeeper(store, LocalLimiter()).admit(ex, adm)
+        reply = ex.apply(await Gatekeeper(store, LocalLimiter()).admit(adm))
         assert reply.immediate_status == 503 and w.records[0].status == 503
     finally:
         await store._pool.close()

@@ -7,6 +7,7 @@ import datetime as dt
 from extproc.policy.limits import Throttle, charges_for, window
 from extproc.policy.schema import Policy
 from extproc.ratelimit import LocalLimiter
+from extproc.verdict import Throttled
 from tests.unit.test_exchange import World, headers
 
 
@@ -59,7 +60,7 @@ def test_throttle_answer_has_retry_after_and_openai_ratelimit_headers() -> None:
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
     adm = ex.on_request_body(b'{"model":"fake-openai-model","messages":[]}')
     charge = adm.charges[0]  # type: ignore[union-attr]
-    reply = ex.on_throttled(Throttle(charge, 1, 17))
+    reply = ex.apply(Throttled(Throttle(charge, 1, 17)))
     h = dict(reply.set_headers)
     assert reply.immediate_status == 429 and h["retry-after"] == "17"
     assert h["x-ratelimit-limit-requests"] == "1" and h["x-ratelimit-remaining-requests"] == "0"

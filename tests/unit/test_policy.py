@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from extproc.policy.budgets import Admission
 from extproc.policy.evaluate import Binding, Subject, decide
@@ -256,13 +257,33 @@ def test_a_budgeted_key_may_still_read_and_count_tokens() -> None:
     assert unmetered_call(gemini, "POST", "/v1beta/models/gemini-2.5-flash:countTokens") is None
 
 
-def test_unpriced_apis_stay_open_to_keys_without_a_budget() -> None:
-    assert unmetered_call(World(), "POST", "/v1/images/generations") is None
+OPEN_IMAGES = {"name": "images", "applies_to": {"all": True}, "passthrough": ["POST /v1/images/*"]}
+
+
+def test_an_unmetered_post_is_refused_unless_a_policy_names_it() -> None:
+    assert unmetered_call(World(), "POST", "/v1/images/generations") == 403
+
+
+def test_a_passthrough_entry_opens_an_unmetered_post_to_keys_without_a_budget() -> None:
+    w = World().with_policies(OPEN_IMAGES)
+    assert unmetered_call(w, "POST", "/v1/images/generations") is None
+    assert unmetered_call(w, "POST", "/v1/files") == 403
+
+
+def test_a_passthrough_entry_does_not_open_an_unmetered_post_to_a_budgeted_key() -> None:
+    w = World().with_policies(OPEN_IMAGES, BUDGETED)
+    assert unmetered_call(w, "POST", "/v1/images/generations") == 403
 
 
 def test_a_shadow_budget_only_logs_an_unpriced_call() -> None:
-    w = World().with_policies({**BUDGETED, "shadow": True})
+    w = World().with_policies({**BUDGETED, "shadow": True}, OPEN_IMAGES)
     assert unmetered_call(w, "POST", "/v1/images/generations") is None
+
+
+@pytest.mark.parametrize("entry", ["post /v1/files", "POST v1/files", "POST", "/v1/files"])
+def test_a_passthrough_entry_must_be_a_method_and_a_path(entry: str) -> None:
+    with pytest.raises(ValidationError):
+        Policy.model_validate({"name": "p", "applies_to": {"all": True}, "passthrough": [entry]})
 
 
 def test_a_passthrough_request_is_charged_one_request_and_no_tokens() -> None:
