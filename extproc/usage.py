@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import math
+import re
 import uuid
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 
@@ -30,6 +33,68 @@ class Usage:
 def as_int(value: Any) -> int:
     """A token count from provider JSON, where absent or null means zero."""
     return int(value) if isinstance(value, int | float) else 0
+
+
+# Column limits of usage_events. numeric(30,18) holds |x| < 10^12 at 18 decimal places.
+_COST_PLACES = Decimal(1).scaleb(-18)
+_COST_MAX = Decimal("999999999999.999999999999999999")
+_COST_CONTEXT = Context(prec=60)  # enough digits to quantize anything below _COST_MAX exactly
+_BIGINT_MAX = 2**63 - 1
+_INT_MAX = 2**31 - 1
+_TEXT_MAX = 256
+_TAG_KEY_MAX, _TAG_VALUE_MAX = 64, 256
+# Control characters other than tab (Postgres text cannot hold NUL; the rest only confuse logs
+# and terminals) and lone surrogates (not encodable as UTF-8, rejected by psycopg and by jsonb).
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\ud800-\udfff]")
+
+COST_OUT_OF_RANGE = "cost_out_of_range"
+VALUE_OUT_OF_RANGE = "value_out_of_range"
+
+
+def _clean_text(value: Any, limit: int = _TEXT_MAX) -> Any:
+    if value is None:
+        return None
+    s = value if isinstance(value, str) else str(value)
+    if _UNSAFE.search(s) is not None:
+        s = _UNSAFE.sub(lambda m: "\ufffd" if m.group() >= "\ud800" else "", s)
+    return s[:limit]
+
+
+def _clamp_int(value: Any, hi: int, flags: set[str]) -> Any:
+    """`value` within [0, hi]; a count, duration or status is never negative."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            flags.add(VALUE_OUT_OF_RANGE)
+            return hi if value > 0 else 0
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return value  # not a number at all: left for Postgres to refuse and the writer to dead-letter
+    if value < 0 or value > hi:
+        flags.add(VALUE_OUT_OF_RANGE)
+        return 0 if value < 0 else hi
+    return value
+
+
+def _clamp_cost(value: Any, flags: set[str]) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if not isinstance(value, Decimal):
+        return value
+    if value.is_nan():
+        flags.add(COST_OUT_OF_RANGE)
+        return None  # no cost is better than a made-up one; the flag says why it is missing
+    if value < 0:
+        flags.add(COST_OUT_OF_RANGE)
+        return Decimal(0)
+    if value > _COST_MAX:
+        flags.add(COST_OUT_OF_RANGE)
+        return _COST_MAX
+    if isinstance(exp := value.as_tuple().exponent, int) and exp < -18:
+        # Postgres would round it the same way; doing it here keeps the spool line what is stored.
+        return value.quantize(_COST_PLACES, context=_COST_CONTEXT)
+    return value
 
 
 @dataclass
@@ -123,8 +188,58 @@ class UsageRecord:
             list(self.flags),
         )
 
+    def sanitized(self) -> UsageRecord:
+        """This record as Postgres will take it: a pure function, and sanitized() of it is itself.
+
+        Text loses NUL, other control characters but tab, and lone surrogates (replaced by U+FFFD),
+        and is cut to 256 characters (tag keys 64). Numbers are clamped into their columns: the
+        cost into numeric(30,18) and at least 0, flagged "cost_out_of_range" (a NaN cost becomes
+        unknown); tokens, latencies and status into [0, column maximum], flagged
+        "value_out_of_range". A flag says a figure was changed, so no bad value passes silently.
+        """
+        flags: set[str] = set()
+        u = self.usage
+        usage = dataclasses.replace(
+            u,
+            **{
+                f.name: _clamp_int(getattr(u, f.name), _BIGINT_MAX, flags)
+                for f in dataclasses.fields(u)
+            },
+        )
+        cost = _clamp_cost(self.cost_usd, flags)
+        latency_ms = _clamp_int(self.latency_ms, _INT_MAX, flags)
+        ttft_ms = _clamp_int(self.ttft_ms, _INT_MAX, flags)
+        status = _clamp_int(self.status, _INT_MAX, flags)
+        tags: dict[str, str] = {}
+        for k, v in self.tags.items():
+            tags[_clean_text(k, _TAG_KEY_MAX)] = _clean_text(v, _TAG_VALUE_MAX)
+        own = [_clean_text(f) for f in self.flags]
+        return dataclasses.replace(
+            self,
+            request_id=_clean_text(self.request_id),
+            provider=_clean_text(self.provider),
+            api=_clean_text(self.api),
+            team=_clean_text(self.team),
+            project=_clean_text(self.project),
+            model_requested=_clean_text(self.model_requested),
+            model_used=_clean_text(self.model_used),
+            upstream=_clean_text(self.upstream),
+            usage=usage,
+            cost_usd=cost,
+            price_version=_clean_text(self.price_version),
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
+            status=status,
+            outcome=_clean_text(self.outcome),
+            tags=tags,
+            flags=(*own, *sorted(flags - set(own))),
+        )
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict, the spool file's line format."""
+        """A JSON-safe dict of the sanitized record, the spool file's line format."""
+        return self.sanitized()._json()
+
+    def _json(self) -> dict[str, Any]:
         out = dict(zip(self.COLUMNS, self.row(), strict=True))
         out["ts"] = self.ts.isoformat()
         out["key_id"] = str(self.key_id) if self.key_id else None
