@@ -47,6 +47,19 @@ _TAG_KEY_MAX, _TAG_VALUE_MAX = 64, 256
 # and terminals) and lone surrogates (not encodable as UTF-8, rejected by psycopg and by jsonb).
 _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\ud800-\udfff]")
 
+_TEXT_FIELDS = (
+    "request_id",
+    "provider",
+    "api",
+    "team",
+    "project",
+    "model_requested",
+    "model_used",
+    "upstream",
+    "price_version",
+    "outcome",
+)
+
 COST_OUT_OF_RANGE = "cost_out_of_range"
 VALUE_OUT_OF_RANGE = "value_out_of_range"
 
@@ -199,41 +212,28 @@ class UsageRecord:
         """
         flags: set[str] = set()
         u = self.usage
-        usage = dataclasses.replace(
-            u,
-            **{
-                f.name: _clamp_int(getattr(u, f.name), _BIGINT_MAX, flags)
-                for f in dataclasses.fields(u)
-            },
-        )
-        cost = _clamp_cost(self.cost_usd, flags)
-        latency_ms = _clamp_int(self.latency_ms, _INT_MAX, flags)
-        ttft_ms = _clamp_int(self.ttft_ms, _INT_MAX, flags)
-        status = _clamp_int(self.status, _INT_MAX, flags)
-        tags: dict[str, str] = {}
-        for k, v in self.tags.items():
-            tags[_clean_text(k, _TAG_KEY_MAX)] = _clean_text(v, _TAG_VALUE_MAX)
-        own = [_clean_text(f) for f in self.flags]
-        return dataclasses.replace(
-            self,
-            request_id=_clean_text(self.request_id),
-            provider=_clean_text(self.provider),
-            api=_clean_text(self.api),
-            team=_clean_text(self.team),
-            project=_clean_text(self.project),
-            model_requested=_clean_text(self.model_requested),
-            model_used=_clean_text(self.model_used),
-            upstream=_clean_text(self.upstream),
-            usage=usage,
-            cost_usd=cost,
-            price_version=_clean_text(self.price_version),
-            latency_ms=latency_ms,
-            ttft_ms=ttft_ms,
-            status=status,
-            outcome=_clean_text(self.outcome),
-            tags=tags,
-            flags=(*own, *sorted(flags - set(own))),
-        )
+        counts = {f.name: getattr(u, f.name) for f in dataclasses.fields(u)}
+        clamped = {k: _clamp_int(v, _BIGINT_MAX, flags) for k, v in counts.items()}
+        changes: dict[str, Any] = {"usage": dataclasses.replace(u, **clamped)} if clamped != counts else {}
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            if (clean := _clean_text(value)) is not value:
+                changes[name] = clean
+        for name in ("latency_ms", "ttft_ms", "status"):
+            value = getattr(self, name)
+            if (clamped_int := _clamp_int(value, _INT_MAX, flags)) is not value:
+                changes[name] = clamped_int
+        if (cost := _clamp_cost(self.cost_usd, flags)) is not self.cost_usd:
+            changes["cost_usd"] = cost
+        tags = {_clean_text(k, _TAG_KEY_MAX): _clean_text(v, _TAG_VALUE_MAX) for k, v in self.tags.items()}
+        if tags != self.tags:
+            changes["tags"] = tags
+        own = tuple(_clean_text(f) for f in self.flags)
+        new_flags = (*own, *sorted(flags - set(own)))
+        if new_flags != self.flags:
+            changes["flags"] = new_flags
+        # A clean record, nearly all of them, comes back as itself: this runs on the event loop.
+        return dataclasses.replace(self, **changes) if changes else self
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict of the sanitized record, the spool file's line format."""
