@@ -26,7 +26,7 @@ from extproc.keytable import KeyEntry, KeyTable
 from extproc.paths import UnsafePath, canonical_path
 from extproc.plausibility import bounds_for, within
 from extproc.policy.budgets import Admission, Hold, Settlement, ceiling
-from extproc.policy.evaluate import Binding, Decision, canonical_model, decide
+from extproc.policy.evaluate import Binding, Decision, canonical_model, decide, model_name_problem
 from extproc.policy.limits import Charge, window
 from extproc.policy.loader import PolicySet
 from extproc.providers import PROVIDERS, guess_from_request
@@ -300,6 +300,9 @@ class Exchange:
             self._request = self._provider.parse_request(self._api, self._path, body)
         except BadRequest as exc:
             return self.reject(400, str(exc))
+        problem = model_name_problem(self._request.model) if self._request.model else None
+        if problem is not None:
+            return self.reject(400, f"invalid model name: it {problem}")
         assert self._entry is not None
         binding = self._set.binding(self._entry.subject)
         reply, decision = self._apply_policies(binding, self._request)

@@ -23,6 +23,21 @@ def canonical_model(name: str | None) -> str:
     return (name or "").strip().lower().removeprefix("models/")
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why a requested model name cannot be checked safely, or None.
+
+    Upstreams that route on the name (Gemini's path, gateways' `vendor/model`) would resolve
+    `allowed/../other` to `other` while a glob sees `allowed...`: such names have no single meaning.
+    """
+    if len(name) > 256:
+        return "is longer than 256 characters"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "contains a control character"
+    if "\\" in name or any(seg in (".", "..") for seg in name.split("/")):
+        return "contains a '.' or '..' path segment or a backslash"
+    return None
+
+
 @dataclass(frozen=True)
 class Subject:
     """Who is calling, as the key table knows it."""

@@ -71,7 +71,7 @@ def test_gemini_dot_dot_is_checked_against_the_model_actually_served() -> None:
     assert getattr(second, "immediate_status", None) == 403
 
 
-@pytest.mark.parametrize("model", ["GPT-4O", " gpt-4o ", "models/gpt-4o", "Gpt-4o-2024-08-06", "gpt-4o\t"])
+@pytest.mark.parametrize("model", ["GPT-4O", " gpt-4o ", "models/gpt-4o", "Gpt-4o-2024-08-06", "  GPT-4o"])
 def test_model_rules_compare_canonical_names(model: str) -> None:
     w = World().with_policies(MINI_ONLY)
     _, second = body_phase(w, "/v1/chat/completions", {"model": model, "messages": []})
@@ -83,6 +83,13 @@ def test_a_respelled_allowed_model_is_still_allowed(model: str) -> None:
     w = World().with_policies(MINI_ONLY)
     _, second = body_phase(w, "/v1/chat/completions", {"model": model, "messages": []})
     assert getattr(second, "immediate_status", None) is None
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini/../gpt-4o", "gpt-4o-mini/./x", "gpt-4o-mini\\..\\gpt-4o", "gpt-4o-mini\x00", "m" * 300])
+def test_a_model_name_with_no_single_meaning_is_refused_with_400(model: str) -> None:
+    w = World().with_policies(MINI_ONLY)
+    _, second = body_phase(w, "/v1/chat/completions", {"model": model, "messages": []})
+    assert getattr(second, "immediate_status", None) == 400
 
 
 def test_an_accounted_api_with_no_body_is_refused_not_forwarded() -> None:
