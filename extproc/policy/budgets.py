@@ -115,13 +115,21 @@ def holds_for(
 def ceiling(price: ModelPrice | None, input_tokens: int, max_output: int | None) -> Decimal | None:
     """Worst-case cost: every input token at the dearest input rate, plus the full output ceiling.
 
+    "Dearest" is taken over the base card and every long-prompt tier, whatever `input_tokens`
+    says: the count is tiktoken's estimate of the request body, while the provider picks the tier
+    by its own count, which can be far larger (another tokenizer, images and files, a Gemini
+    cachedContent or an OpenAI previous_response_id that the body only names). A tier cheaper
+    than the base card is covered too. The price of that safety is a reservation up to the tier
+    premium (2x input, 1.5x output) above the likely cost; settlement returns the difference.
     None when the model has no price (it can't be budgeted, so it is refused).
     """
     if price is None:
         return None
     out_tokens = max_output if max_output is not None else price.max_output_tokens
-    input_rate = max(price.input, price.cache_write or price.input)
-    return (input_tokens * input_rate + out_tokens * price.output) / PER_MILLION
+    cards = price.cards()
+    input_rate = max(c.dearest_input for c in cards)
+    output_rate = max(c.output for c in cards)
+    return (max(input_tokens, 0) * input_rate + max(out_tokens, 0) * output_rate) / PER_MILLION
 
 
 def crossed(thresholds: tuple[float, ...], limit: Decimal, before: Decimal, after: Decimal) -> list[float]:

@@ -157,12 +157,14 @@ def test_finished_request_settles_its_reservation_at_the_real_cost() -> None:
     settled: list[Settlement] = []
     ex = w.exchange(settle=settled.append)
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
-    adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":10,"messages":[]}')
+    # max_tokens covers the reported output: more would be flagged implausible and clamped to it.
+    adm = ex.on_request_body(b'{"model":"fake-openai-model","max_tokens":100,"messages":[]}')
     assert isinstance(adm, Admission)
     ex.apply(Granted(budget_held=True))
     ex.on_response_headers({":status": "200", "content-type": "application/json"}, False)
     ex.on_response_body(b'{"usage":{"prompt_tokens":1000,"completion_tokens":100}}', True)
     (s,) = settled
+    # 1,000 input at $2.50/M = $0.0025; 100 output at $10/M = $0.001
     assert s.admission is adm and s.cost == Decimal("0.0035")
 
 
