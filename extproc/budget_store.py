@@ -82,6 +82,13 @@ class _Slice:
     # Nearly exhausted: what a request did not spend goes straight back to the counter, where
     # every replica can use it, instead of waiting in this replica's slice.
     per_request: bool = False
+    # Bumped when the slice is started afresh; an amount taken out before that must not be put
+    # back into the new lease, which never held it.
+    epoch: int = 0
+
+    def trusted(self, now: float) -> bool:
+        """Whether Postgres confirmed the lease recently enough to admit against it."""
+        return now - self.renewed <= _TRUST
 
 
 class BudgetStore:
@@ -115,7 +122,7 @@ class BudgetStore:
     def _take_local(self, adm: Admission) -> bool:
         now = time.monotonic()
         slices = [self._slices.get(h.budget_key) for h in adm.holds]
-        if any(s is None or now - s.renewed > _TRUST or s.available < adm.amount for s in slices):
+        if any(s is None or not s.trusted(now) or s.available < adm.amount for s in slices):
             return False
         for s in slices:
             assert s is not None
@@ -139,15 +146,59 @@ class BudgetStore:
                 return refused.refusal
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 raise BudgetUnavailable(str(exc)) from exc
-        taken = self._take_local(adm)
-        assert taken, "a fresh lease covers the request it was taken for"
         self.reservations += 1
         return None
 
     async def _lease(self, adm: Admission) -> None:
-        """Top up every short slice in one transaction, in the holds' fixed (lock) order."""
+        """Promise `adm.amount` on every hold: what its slice holds now, the rest leased in one transaction.
+
+        The slices' share is taken out before the first await: requests admitted from the same
+        slices meanwhile (they need no lock) can then never be promised the same money, and the
+        fresh lease is certain to cover this request. If leasing fails, the share goes back.
+        """
+        now = time.monotonic()
+        taken: dict[str, tuple[_Slice, int, Decimal]] = {}
+        for h in adm.holds:
+            s = self._slices.get(h.budget_key)
+            if s is not None and s.trusted(now):
+                # Negative after a request cost more than it reserved: then the lease makes up for it.
+                take = min(s.available, adm.amount)
+                s.available -= take
+                taken[h.budget_key] = (s, s.epoch, take)
+        short = {
+            h.budget_key: adm.amount - (taken[h.budget_key][2] if h.budget_key in taken else Decimal(0))
+            for h in adm.holds
+        }
         grants: dict[str, Decimal] = {}
         per_request: dict[str, bool] = {}
+        try:
+            await self._lease_rows(adm, short, grants, per_request)
+        except BaseException:
+            for s, epoch, take in taken.values():
+                if s.epoch == epoch:
+                    s.available += take
+            raise
+        now = time.monotonic()
+        for h in adm.holds:
+            s = self._slices.setdefault(h.budget_key, _Slice(h))
+            if h.budget_key not in taken:
+                # Not trusted (or new): the sweeper may have released the old lease, so what the
+                # slice says it holds is void.
+                s.available = Decimal(0)
+                s.epoch += 1
+            s.available += grants[h.budget_key] - short[h.budget_key]
+            s.per_request = per_request[h.budget_key]
+            s.renewed = now
+            s.used = now
+
+    async def _lease_rows(
+        self,
+        adm: Admission,
+        short: dict[str, Decimal],
+        grants: dict[str, Decimal],
+        per_request: dict[str, bool],
+    ) -> None:
+        """Lease what each slice is `short` of, in one transaction, in the holds' fixed (lock) order."""
         expires = dt.datetime.now(dt.UTC) + LEASE_TTL
         async with self._pool.connection() as conn:
             # Counters are created in a transaction of their own, so that a refusal (which rolls
@@ -158,20 +209,13 @@ class BudgetStore:
                         _ENSURE,
                         (h.budget_key, h.policy, h.scope, h.period, h.period_start, h.period_end, h.limit),
                     )
-            await self._grant(conn, adm, grants, per_request, expires)
-        now = time.monotonic()
-        for h in adm.holds:
-            s = self._slices.setdefault(h.budget_key, _Slice(h))
-            if now - s.renewed > _TRUST:
-                s.available = Decimal(0)  # the sweeper may have released it: start afresh
-            s.available += grants[h.budget_key]
-            s.per_request = per_request[h.budget_key]
-            s.renewed = now
+            await self._grant(conn, adm, short, grants, per_request, expires)
 
     async def _grant(
         self,
         conn: psycopg.AsyncConnection[Any],
         adm: Admission,
+        short: dict[str, Decimal],
         grants: dict[str, Decimal],
         per_request: dict[str, bool],
         expires: dt.datetime,
@@ -179,9 +223,7 @@ class BudgetStore:
         """Lock each counter in the holds' fixed order and lease what this replica is short of."""
         async with conn.transaction():
             for h in adm.holds:
-                local = self._slices.get(h.budget_key)
-                have = local.available if local and time.monotonic() - local.renewed <= _TRUST else Decimal(0)
-                need = max(adm.amount - have, Decimal(0))
+                need = max(short[h.budget_key], Decimal(0))
                 row = await (await conn.execute(_LOCK, (h.budget_key,))).fetchone()
                 assert row is not None
                 spent, reserved, limit = row
@@ -234,7 +276,11 @@ class BudgetStore:
             await self._hand_back(idle)
         if not self._queue:
             return
+        # Both are taken out before the first await, so that a flush running meanwhile (close()
+        # during the periodic one) cannot settle the same spending twice or drop newer spending;
+        # a failed flush puts them back.
         batch = list(self._queue)
+        self._queue.clear()
         refunds, self._refunds = self._refunds, defaultdict(Decimal)
         spent: dict[str, Decimal] = defaultdict(Decimal)
         holds: dict[str, Hold] = {}
@@ -262,21 +308,32 @@ class BudgetStore:
                     row = await cur.fetchone()
                     if row is not None:
                         self._announce(holds[key], row[0] - spent[key], row[0], row[1])
-        except (psycopg.Error, OSError, TimeoutError) as exc:
-            log.warning("budget.settle_deferred", requests=len(batch), error=type(exc).__name__)
+        except BaseException as exc:
+            self._queue.extendleft(reversed(batch))
             for key, amount in refunds.items():
                 self._refunds[key] += amount
+            if not isinstance(exc, psycopg.Error | OSError | TimeoutError):
+                raise
+            log.warning("budget.settle_deferred", requests=len(batch), error=type(exc).__name__)
             return
         now = time.monotonic()
         for key in spent:
             if key in self._slices:
                 self._slices[key].renewed = now
-        for _ in batch:
-            self._queue.popleft()
 
     async def _hand_back(self, keys: list[str]) -> None:
         """Return unpromised slices to their counters, so other replicas can use them."""
-        give = {k: self._slices[k].available for k in keys if self._slices[k].available > 0}
+        # Taken out of the slices before the first await: a request admitted from a slice while
+        # Postgres is asked must find the amount already gone, not have it subtracted from under
+        # its promise afterwards (which drove the slice negative and the counter below what was
+        # promised). A failed hand-back puts it back.
+        give: dict[str, Decimal] = {}
+        taken: dict[str, int] = {}
+        for k in keys:
+            s = self._slices[k]
+            if s.available > 0:
+                give[k], taken[k] = s.available, s.epoch
+                s.available = Decimal(0)
         if not give:
             return
         expires = dt.datetime.now(dt.UTC) + LEASE_TTL
@@ -293,11 +350,14 @@ class BudgetStore:
                             " updated_at = now() WHERE budget_key = %s",
                             (give[key], key),
                         )
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except BaseException as exc:
+            for key, amount in give.items():
+                s = self._slices[key]
+                if s.epoch == taken[key]:
+                    s.available += amount
+            if not isinstance(exc, psycopg.Error | OSError | TimeoutError):
+                raise
             log.warning("budget.hand_back_deferred", counters=len(give), error=type(exc).__name__)
-            return
-        for key, amount in give.items():
-            self._slices[key].available -= amount
 
     def _announce(self, hold: Hold, before: Decimal, after: Decimal, limit: Decimal) -> None:
         for t in crossed(hold.thresholds, limit, before, after):
