@@ -6,10 +6,11 @@ checks that they match, so the shipped snippets and what `spendgate up` runs nev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from extproc.exchange import UPSTREAM_HEADER
+from extproc.exchange import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, REQUEST_ID_HEADER, UPSTREAM_HEADER
 from extproc.failover import HOST_METADATA, PHASE_METADATA
 from extproc.upstreams import DEFAULT_BASE_URLS, MAX_CHAIN, Upstream, upstream_for
 from extproc.upstreams import failover_cluster as failover_name
@@ -29,6 +30,15 @@ _HEADERS_ONLY = {
     "request_trailer_mode": "SKIP",
     "response_trailer_mode": "SKIP",
 }
+# The downstream filter's own default leaves response headers alone: Envoy runs its local replies
+# to requests it could not parse (HTTP/1.0, oversized headers, content-length with
+# transfer-encoding) through the encoder filters, and an ext_proc filter that opens a gRPC stream
+# for such a reply holds it until the codec closes the connection, so the client got nothing.
+# Those replies have no route; every routed request gets _HEADERS_ONLY back from the virtual
+# host's per-route config (see route_config).
+_LOCAL_REPLIES_PASS = {**_HEADERS_ONLY, "response_header_mode": "SKIP"}
+_EXT_PROC = "envoy.filters.http.ext_proc"
+_EXT_PROC_PER_ROUTE = _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 _NOT_AUTHORISED = (
     '{"error":{"message":"request was not authorised by the Spendgate filter","type":"api_error",'
     '"code":"spendgate_unavailable"}}'
@@ -54,9 +64,13 @@ def _host(ep: Endpoint) -> str:
 
 
 def ext_proc_filter(message_timeout_ms: int = 2000) -> dict[str, Any]:
-    """The http filter. It fails closed: no filter, no request."""
+    """The http filter. It fails closed: no filter, no request.
+
+    Its processing mode skips response headers unless the route's per-filter config (set on the
+    virtual host by route_config) turns them on: see _LOCAL_REPLIES_PASS.
+    """
     return {
-        "name": "envoy.filters.http.ext_proc",
+        "name": _EXT_PROC,
         "typed_config": {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
@@ -64,9 +78,13 @@ def ext_proc_filter(message_timeout_ms: int = 2000) -> dict[str, Any]:
             "status_on_error": {"code": 503},
             "message_timeout": f"{message_timeout_ms / 1000:g}s",
             "allow_mode_override": True,
-            "processing_mode": _HEADERS_ONLY,
+            "processing_mode": _LOCAL_REPLIES_PASS,
         },
     }
+
+
+def _ext_proc_per_route(**overrides: Any) -> dict[str, Any]:
+    return {_EXT_PROC: {"@type": _EXT_PROC_PER_ROUTE, "overrides": overrides}}
 
 
 def strip_route_header() -> list[dict[str, Any]]:
@@ -224,94 +242,420 @@ def default_upstreams() -> list[Upstream]:
     return [upstream_for(u) for u in DEFAULT_BASE_URLS.values()]
 
 
-def route_config() -> dict[str, Any]:
-    """Route by the cluster the filter chose; anything it did not route is refused."""
+def route_config(fail_open: Sequence[FailOpen] = ()) -> dict[str, Any]:
+    """Route by the cluster the filter chose; anything it did not route is refused.
+
+    With `fail_open`, requests the filter did not route (it was unreachable, so Envoy went on
+    without it) and that belong to one of those providers go to its break-glass cluster instead.
+    """
     return {
         "name": "spendgate",
         "virtual_hosts": [
             {
                 "name": "spendgate",
                 "domains": ["*"],
-                "routes": [
-                    {
-                        # Keys with a fallback chain: Envoy retries the next member of the
-                        # aggregate cluster on connect failure, reset, 5xx or 429.
-                        "match": {
-                            "prefix": "/",
-                            "headers": [{"name": UPSTREAM_HEADER, "string_match": {"prefix": "fo_"}}],
-                        },
-                        "route": {
-                            "cluster_header": UPSTREAM_HEADER,
-                            "auto_host_rewrite": True,
-                            "timeout": "600s",
-                            "idle_timeout": "300s",
-                            "retry_policy": {
-                                "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
-                                "retriable_status_codes": [429],
-                                "num_retries": MAX_CHAIN - 1,
-                                "retry_priority": {
-                                    "name": "envoy.retry_priorities.previous_priorities",
-                                    "typed_config": {
-                                        "@type": _T
-                                        + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
-                                        "update_frequency": 1,
-                                    },
-                                },
-                            },
-                        },
-                        "request_headers_to_remove": [UPSTREAM_HEADER],
-                    },
-                    {
-                        "match": {
-                            "prefix": "/",
-                            "headers": [{"name": UPSTREAM_HEADER, "present_match": True}],
-                        },
-                        "route": {
-                            "cluster_header": UPSTREAM_HEADER,
-                            "auto_host_rewrite": True,
-                            # Long generations and slow streams are normal for LLM calls.
-                            "timeout": "600s",
-                            "idle_timeout": "300s",
-                        },
-                        "request_headers_to_remove": [UPSTREAM_HEADER],
-                    },
-                    {
-                        "match": {"prefix": "/"},
-                        "direct_response": {"status": 503, "body": {"inline_string": _NOT_AUTHORISED}},
-                    },
-                ],
+                # Every routed request has its response headers processed (see _LOCAL_REPLIES_PASS).
+                "typed_per_filter_config": _ext_proc_per_route(processing_mode=_HEADERS_ONLY),
+                "routes": [*_filter_routes(), *_unrouted(fail_open)],
             }
         ],
     }
 
 
-def _hcm(stat_prefix: str, message_timeout_ms: int) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat_prefix,
-            "codec_type": "AUTO",
-            "stream_idle_timeout": "300s",
-            "request_timeout": "0s",
-            "early_header_mutation_extensions": strip_route_header(),
-            "route_config": route_config(),
-            "http_filters": [
-                ext_proc_filter(message_timeout_ms),
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+def _filter_routes() -> list[dict[str, Any]]:
+    return [
+        {
+            # Keys with a fallback chain: Envoy retries the next member of the aggregate
+            # cluster on connect failure, reset, 5xx or 429.
+            "name": "spendgate_failover",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": UPSTREAM_HEADER, "string_match": {"prefix": "fo_"}}],
+            },
+            "route": {
+                "cluster_header": UPSTREAM_HEADER,
+                "auto_host_rewrite": True,
+                "timeout": "600s",
+                "idle_timeout": "300s",
+                "retry_policy": {
+                    "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
+                    "retriable_status_codes": [429],
+                    "num_retries": MAX_CHAIN - 1,
+                    "retry_priority": {
+                        "name": "envoy.retry_priorities.previous_priorities",
+                        "typed_config": {
+                            "@type": _T
+                            + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                            "update_frequency": 1,
+                        },
+                    },
                 },
+            },
+            "request_headers_to_remove": [UPSTREAM_HEADER],
+        },
+        {
+            "name": "spendgate_routed",
+            "match": {"prefix": "/", "headers": [{"name": UPSTREAM_HEADER, "present_match": True}]},
+            "route": {
+                "cluster_header": UPSTREAM_HEADER,
+                "auto_host_rewrite": True,
+                # Long generations and slow streams are normal for LLM calls.
+                "timeout": "600s",
+                "idle_timeout": "300s",
+            },
+            "request_headers_to_remove": [UPSTREAM_HEADER],
+        },
+    ]
+
+
+_REFUSED = {"status": 503, "body": {"inline_string": _NOT_AUTHORISED}}
+
+
+def _unrouted(fail_open: Sequence[FailOpen]) -> list[dict[str, Any]]:
+    """Routes for requests that carry no route header: refused, or a provider's break-glass route."""
+    if not fail_open:
+        return [{"name": "spendgate_refused", "match": {"prefix": "/"}, "direct_response": _REFUSED}]
+    by_provider = {fo.provider: fo for fo in fail_open}
+    routes = []
+    # Gemini before Anthropic before OpenAI, whose paths are the catch-all: each request goes to
+    # the provider the filter would have taken it for (extproc.providers.guess_from_request).
+    for provider in ("gemini", "anthropic", "openai"):
+        fo = by_provider.get(provider)
+        for i, match in enumerate(PROVIDER_MATCHES[provider]):
+            if fo is None:
+                routes.append(
+                    {"name": f"spendgate_refused_{provider}", "match": match, "direct_response": _REFUSED}
+                )
+                continue
+            route: dict[str, Any] = {
+                "cluster": failopen_cluster_name(provider),
+                "auto_host_rewrite": True,
+                "timeout": "600s",
+                "idle_timeout": "300s",
+            }
+            if fo.upstream.path_prefix:
+                route["prefix_rewrite"] = fo.upstream.path_prefix + "/"
+            routes.append(
+                {
+                    "name": FAILOPEN_ROUTE_PREFIX + provider + (f"_{i}" if i else ""),
+                    "match": match,
+                    "route": route,
+                    # An unreachable filter lets these requests through (failure_mode_allow);
+                    # everywhere else it stays closed.
+                    "typed_per_filter_config": _ext_proc_per_route(failure_mode_allow=True),
+                    # The wrapped key never goes up; the break-glass cluster strips it again and
+                    # puts on Envoy's own credential (failopen_cluster).
+                    "request_headers_to_remove": [UPSTREAM_HEADER, *CREDENTIAL_HEADERS],
+                }
+            )
+    return routes
+
+
+@dataclass(frozen=True)
+class FailOpen:
+    """A provider whose requests Envoy forwards itself, with a break-glass credential, while
+    the filter is unreachable."""
+
+    provider: str  # openai | anthropic | gemini
+    upstream: Upstream  # where the break-glass credential is valid
+    secret_path: str  # SDS file (a generic secret named breakglass_<provider>)
+
+
+FAILOPEN_ROUTE_PREFIX = "spendgate_failopen_"
+FAILOPEN_METADATA = "spendgate.failopen"
+# How a request is recognised as a provider's; the order between providers matters (_unrouted).
+PROVIDER_MATCHES: dict[str, list[dict[str, Any]]] = {
+    "gemini": [
+        {"prefix": "/v1beta/"},
+        {"prefix": "/v1alpha/"},
+        {"prefix": "/", "headers": [{"name": "x-goog-api-key", "present_match": True}]},
+    ],
+    "anthropic": [
+        {"path_separated_prefix": "/v1/messages"},
+        {"prefix": "/", "headers": [{"name": "anthropic-version", "present_match": True}]},
+        {"prefix": "/", "headers": [{"name": "x-api-key", "present_match": True}]},
+    ],
+    "openai": [{"prefix": "/"}],
+}
+# The header each provider takes its key in; the secret file holds the whole header value.
+BREAKGLASS_HEADER = {"openai": "authorization", "anthropic": "x-api-key", "gemini": "x-goog-api-key"}
+
+
+def failopen_cluster_name(provider: str) -> str:
+    """The static cluster of a provider's break-glass route."""
+    return f"spendgate_failopen_{provider}"
+
+
+def breakglass_secret_name(provider: str) -> str:
+    """The name of the generic SDS secret holding a provider's break-glass header value."""
+    return f"breakglass_{provider}"
+
+
+def breakglass_secret_document(provider: str, key: str) -> dict[str, Any]:
+    """The SDS file Envoy reads a break-glass credential from (written 0600 by the CLI)."""
+    value = "Bearer " + key if BREAKGLASS_HEADER[provider] == "authorization" else key
+    return {
+        "resources": [
+            {
+                "@type": _T + "extensions.transport_sockets.tls.v3.Secret",
+                "name": breakglass_secret_name(provider),
+                "generic_secret": {"secret": {"inline_string": value}},
+            }
+        ]
+    }
+
+
+def failopen_cluster(fo: FailOpen, ca_file: str) -> dict[str, Any]:
+    """The provider cluster under another name, with upstream filters that remove every
+    credential a client sent (headers and query parameters) and inject the break-glass one."""
+    cluster = provider_cluster(replace(fo.upstream, cluster=failopen_cluster_name(fo.provider)), ca_file)
+    directory = fo.secret_path.rpartition("/")[0] or "."
+    cluster["typed_extension_protocol_options"] = {
+        _HTTP_OPTIONS: {
+            "@type": _T.replace("envoy.", "") + _HTTP_OPTIONS,
+            "explicit_http_config": {"http_protocol_options": {}},
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.header_mutation",
+                    "typed_config": {
+                        "@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutation",
+                        "mutations": {
+                            "request_mutations": [
+                                {"remove": h}
+                                for h in (*CREDENTIAL_HEADERS, UPSTREAM_HEADER, "x-envoy-original-path")
+                            ],
+                            "query_parameter_mutations": [{"remove": q} for q in sorted(CREDENTIAL_QUERY)],
+                        },
+                    },
+                },
+                {
+                    "name": "envoy.filters.http.credential_injector",
+                    "typed_config": {
+                        "@type": _T + "extensions.filters.http.credential_injector.v3.CredentialInjector",
+                        "overwrite": True,
+                        "credential": {
+                            "name": "envoy.http.injected_credentials.generic",
+                            "typed_config": {
+                                "@type": _T + "extensions.http.injected_credentials.generic.v3.Generic",
+                                "credential": {
+                                    "name": breakglass_secret_name(fo.provider),
+                                    "sds_config": {
+                                        "path_config_source": {
+                                            "path": fo.secret_path,
+                                            "watched_directory": {"path": directory},
+                                        }
+                                    },
+                                },
+                                "header": BREAKGLASS_HEADER[fo.provider],
+                            },
+                        },
+                    },
+                },
+                {
+                    "name": "envoy.filters.http.upstream_codec",
+                    "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+                },
+            ],
+        }
+    }
+    return cluster
+
+
+# A wrapped key's visible prefix (extproc.wrapped_keys.visible_prefix), or nothing: the pattern
+# matches every value, so a value that is not a wrapped key (a raw provider key sent by mistake)
+# is replaced by the empty string, never stored.
+_PREFIX_ONLY = r"^(?:[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+)?(sg-[0-9A-Za-z]{0,8})?.*$"
+_QUERY_PREFIX_ONLY = (
+    r"^(?:[^?]*\?(?:[^#]*&)?(?:" + "|".join(sorted(CREDENTIAL_QUERY)) + r")=(sg-[0-9A-Za-z]{0,8}))?.*$"
+)
+# Where the access log finds the key prefix, in the order the importer trusts them.
+KEY_PREFIX_SOURCES = {
+    "authorization": _PREFIX_ONLY,
+    "x-api-key": _PREFIX_ONLY,
+    "x-goog-api-key": _PREFIX_ONLY,
+    "api-key": _PREFIX_ONLY,
+    ":path": _QUERY_PREFIX_ONLY,
+}
+
+
+def _prefix_key(source: str) -> str:
+    return "key_prefix_" + source.strip(":").replace("-", "_")
+
+
+def key_prefix_filter() -> dict[str, Any]:
+    """Before the ext_proc filter: note the visible prefix of the client's wrapped key (and only
+    that) in dynamic metadata, for the fail-open access log. It runs before the filter swaps the
+    credential, and the upstream filters of a break-glass cluster rewrite the headers in place,
+    so the log cannot read the headers themselves."""
+    return {
+        "name": "envoy.filters.http.header_to_metadata",
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.header_to_metadata.v3.Config",
+            "request_rules": [
+                {
+                    "header": source,
+                    "on_header_present": {
+                        "metadata_namespace": FAILOPEN_METADATA,
+                        "key": _prefix_key(source),
+                        "type": "STRING",
+                        "regex_value_rewrite": {"pattern": {"regex": pattern}, "substitution": r"\1"},
+                    },
+                    "remove": False,
+                }
+                for source, pattern in KEY_PREFIX_SOURCES.items()
             ],
         },
     }
 
 
+def model_filter() -> dict[str, Any]:
+    """After the ext_proc filter: the request's `model` and `stream` from a JSON body, for the log."""
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "request_rules": {
+                "rules": [
+                    {
+                        "selectors": [{"key": "model"}],
+                        "on_present": {
+                            "metadata_namespace": FAILOPEN_METADATA,
+                            "key": "model",
+                            "type": "STRING",
+                        },
+                    },
+                    {
+                        "selectors": [{"key": "stream"}],
+                        "on_present": {
+                            "metadata_namespace": FAILOPEN_METADATA,
+                            "key": "stream",
+                            "type": "PROTOBUF_VALUE",
+                        },
+                    },
+                ]
+            },
+        },
+    }
+
+
+# Requests Envoy forwarded without the filter's say: routed by a break-glass route, or answered
+# by an upstream without the filter ever seeing the response (it failed mid-request).
+FAILOPEN_LOG_FILTER = (
+    f"xds.route_name.startsWith('{FAILOPEN_ROUTE_PREFIX}') || "
+    f"(response.code_details == 'via_upstream' && !('{REQUEST_ID_HEADER}' in response.headers))"
+)
+FAILOPEN_LOG_VERSION = 1
+
+
+def failopen_log_format() -> dict[str, str]:
+    """One JSON object per line. No header or query value is logged: key prefixes come from the
+    metadata key_prefix_filter wrote, the path without its query string."""
+    md = FAILOPEN_METADATA
+    fields = {
+        "v": str(FAILOPEN_LOG_VERSION),
+        "ts": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%PATH(NQ)%",
+        "route": "%ROUTE_NAME%",
+        "cluster": "%UPSTREAM_CLUSTER%",
+        "model": f"%DYNAMIC_METADATA({md}:model)%",
+        "stream": f"%DYNAMIC_METADATA({md}:stream)%",
+        "status": "%RESPONSE_CODE%",
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "flags": "%RESPONSE_FLAGS%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "bytes_sent": "%BYTES_SENT%",
+        "duration_ms": "%DURATION%",
+        "content_type": "%RESP(CONTENT-TYPE)%",
+    }
+    for source in KEY_PREFIX_SOURCES:
+        fields[_prefix_key(source)] = f"%DYNAMIC_METADATA({md}:{_prefix_key(source)})%"
+    return fields
+
+
+def failopen_access_log(path: str) -> dict[str, Any]:
+    """The HCM access log of requests forwarded without the filter (JSON lines)."""
+    return {
+        "name": "envoy.access_loggers.file",
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": FAILOPEN_LOG_FILTER,
+                },
+            }
+        },
+        "typed_config": {
+            "@type": _T + "extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": failopen_log_format()},
+        },
+    }
+
+
+def _hcm(
+    stat_prefix: str, message_timeout_ms: int, fail_open: Sequence[FailOpen], log_path: str
+) -> dict[str, Any]:
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+    }
+    filters = [ext_proc_filter(message_timeout_ms), router]
+    hcm: dict[str, Any] = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "300s",
+        "request_timeout": "0s",
+        **hcm_options(),
+        "early_header_mutation_extensions": strip_route_header(),
+        "route_config": route_config(fail_open),
+        "http_filters": filters,
+    }
+    if fail_open:
+        filters[:] = [key_prefix_filter(), ext_proc_filter(message_timeout_ms), model_filter(), router]
+        hcm["access_log"] = [failopen_access_log(log_path)]
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+
+
+# Envoy normalises the path before routing and before any filter sees it: `.` and `..` segments
+# resolved (RFC 3986), runs of slashes merged, and an escaped slash or backslash (%2F, %5C) in
+# the path refused with a 400, so `/v1//chat/completions/`, `/v1/./chat/...` and
+# `/v1%2Fchat%2Fcompletions` cannot reach the provider as a path the policy did not check.
+PATH_HANDLING = {
+    "normalize_path": True,
+    "merge_slashes": True,
+    "path_with_escaped_slashes_action": "REJECT_REQUEST",
+}
+
+
+# HTTP/1.0 is legal HTTP, and what some clients and proxies still send (nginx's proxy_pass speaks
+# it upstream unless told otherwise, ApacheBench always): served, not refused with a 426. A
+# request without a Host header is routed as if it named this host (the virtual host takes any).
+HTTP1_OPTIONS = {"accept_http_10": True, "default_host_for_http_10": "spendgate"}
+
+
+def hcm_options() -> dict[str, Any]:
+    """HCM fields Spendgate relies on: path normalisation, and HTTP/1.0 served."""
+    return {**PATH_HANDLING, "http_protocol_options": HTTP1_OPTIONS}
+
+
 def listener(
-    name: str, host: str, port: int, *, tls: tuple[str, str] | None = None, message_timeout_ms: int = 2000
+    name: str,
+    host: str,
+    port: int,
+    *,
+    tls: tuple[str, str] | None = None,
+    message_timeout_ms: int = 2000,
+    fail_open: Sequence[FailOpen] = (),
+    failopen_log: str = "",
 ) -> dict[str, Any]:
     """A proxy listener; with `tls` (cert path, key path) it terminates TLS, HTTP/2 and 1.1."""
-    chain: dict[str, Any] = {"filters": [_hcm(name, message_timeout_ms)]}
+    if fail_open and not failopen_log:
+        raise ValueError("fail-open needs an access log path")
+    chain: dict[str, Any] = {"filters": [_hcm(name, message_timeout_ms, fail_open, failopen_log)]}
     if tls:
         chain["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -349,32 +693,39 @@ class BootstrapOptions:
     upstreams: list[Upstream] | None = None  # static provider clusters (default: the public three)
     cds_path: str | None = None  # provider clusters from a watched file instead
     message_timeout_ms: int = 2000
+    fail_open: list[FailOpen] = field(default_factory=list)  # providers Envoy serves without the filter
+    failopen_log: str = ""  # where Envoy logs what it forwarded without the filter (JSON lines)
 
 
 def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     """A complete Envoy bootstrap for standalone use."""
-    listeners = [
-        listener("spendgate_http", opts.listen_host, opts.port, message_timeout_ms=opts.message_timeout_ms)
-    ]
+
+    def make(name: str, port: int, tls: tuple[str, str] | None = None) -> dict[str, Any]:
+        return listener(
+            name,
+            opts.listen_host,
+            port,
+            tls=tls,
+            message_timeout_ms=opts.message_timeout_ms,
+            fail_open=opts.fail_open,
+            failopen_log=opts.failopen_log,
+        )
+
+    listeners = [make("spendgate_http", opts.port)]
     if opts.tls_port is not None:
         if not (opts.tls_cert and opts.tls_key):
             raise ValueError("a TLS listener needs both a certificate and a private key path")
-        listeners.append(
-            listener(
-                "spendgate_https",
-                opts.listen_host,
-                opts.tls_port,
-                tls=(opts.tls_cert, opts.tls_key),
-                message_timeout_ms=opts.message_timeout_ms,
-            )
-        )
+        listeners.append(make("spendgate_https", opts.tls_port, (opts.tls_cert, opts.tls_key)))
     clusters = [ext_proc_cluster(opts.endpoints)]
+    clusters += [failopen_cluster(fo, opts.ca_file) for fo in opts.fail_open]
     config: dict[str, Any] = {
         "admin": {"address": {"socket_address": {"address": opts.admin_host, "port_value": opts.admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
-    if opts.cds_path:
+    if opts.cds_path or opts.fail_open:
+        # File-based CDS and SDS both need a node identity.
         config["node"] = {"id": "spendgate", "cluster": "spendgate"}
+    if opts.cds_path:
         config["dynamic_resources"] = {
             "cds_config": {
                 "resource_api_version": "V3",

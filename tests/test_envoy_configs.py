@@ -83,6 +83,7 @@ def test_snippets_drop_into_an_existing_envoy_config_and_validate(tmp_path: Path
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "ingress",
+                                        **snippet("hcm_options.yaml"),
                                         "early_header_mutation_extensions": snippet(
                                             "early_header_mutation_extensions.yaml"
                                         ),
