@@ -24,7 +24,7 @@ import structlog
 from extproc import tokens, wrapped_keys
 from extproc.keytable import KeyEntry, KeyTable
 from extproc.paths import UnsafePath, canonical_path
-from extproc.plausibility import bounds_for, within
+from extproc.plausibility import DEFAULT_CONTEXT_WINDOW, bounds_for, draws_on_upstream_context, within
 from extproc.policy.budgets import Admission, Hold, Settlement, ceiling
 from extproc.policy.evaluate import Binding, Decision, canonical_model, decide, model_name_problem
 from extproc.policy.limits import Charge, window
@@ -325,6 +325,10 @@ class Exchange:
             return reply
         price = self._set.prices.lookup(canonical_model(decision.model))
         input_tokens = self._counted_input(req) + req.extra_input_tokens
+        if draws_on_upstream_context(req.body):
+            # A stored conversation or a server-run tool bills input the body does not show.
+            window = price.context_window if price and price.context_window else DEFAULT_CONTEXT_WINDOW
+            input_tokens = max(input_tokens, window)
         max_out = self._max_out
         if price is not None and price.max_output_tokens and max_out is not None and max_out > price.max_output_tokens:
             return self.reject(

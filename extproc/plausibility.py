@@ -14,6 +14,8 @@ from extproc.usage import Usage
 
 # Past any model's context window or output limit today, with room to spare.
 MAX_INPUT_TOKENS = 10_000_000
+# What a reservation assumes of a model whose context window the price table does not give.
+DEFAULT_CONTEXT_WINDOW = 1_000_000
 MAX_OUTPUT_TOKENS = 1_000_000
 # Tokens a provider adds around the text it was sent: chat templates, tool-use system prompts
 # (Anthropic's is several hundred tokens), image headers.
@@ -42,7 +44,7 @@ def bounds_for(
     tiktoken could not see, unless it draws on context held upstream; each completion at most
     `output_limit`, the tighter of its max_tokens and the model's limit (all three providers
     count reasoning and thinking inside that ceiling)."""
-    if _draws_on_upstream_context(doc):
+    if draws_on_upstream_context(doc):
         input_bound = MAX_INPUT_TOKENS
     else:
         input_bound = min(MAX_INPUT_TOKENS, body_bytes + extra_input_tokens + _TEMPLATE_ALLOWANCE)
@@ -70,7 +72,8 @@ def _clamp(value: int, bound: int) -> int:
     return max(0, min(value, bound))
 
 
-def _draws_on_upstream_context(doc: Any) -> bool:
+def draws_on_upstream_context(doc: Any) -> bool:
+    """Whether a request's billed input may include context its body only names."""
     if not isinstance(doc, dict):
         return False
     if any(k in doc for k in _STORED_CONTEXT):

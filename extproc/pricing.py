@@ -76,6 +76,10 @@ class ModelPrice(Rates):
 
     provider: Literal["openai", "anthropic", "gemini"]
     max_output_tokens: int = Field(default=0, ge=0, le=MAX_OUTPUT_TOKENS)
+    # Input tokens a request can hold at most. Reserved in full for a request that draws on
+    # context held upstream (a stored conversation, a cached context, server-run tools), whose
+    # input the body does not show; DEFAULT_CONTEXT_WINDOW when the table does not say.
+    context_window: int | None = Field(default=None, gt=0, le=100_000_000)
     tiers: tuple[PriceTier, ...] = ()
 
     @model_validator(mode="after")

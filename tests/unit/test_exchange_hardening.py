@@ -204,3 +204,21 @@ def test_whatever_usage_an_upstream_reports_the_record_is_written_with_a_cost_th
     (rec,) = w.records
     assert rec.cost_usd is not None and rec.cost_usd >= 0
     assert 0 <= rec.usage.output_tokens <= 100 and rec.usage.input_tokens >= 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"previous_response_id": "resp_123"},
+        {"tools": [{"type": "web_search"}]},
+        {"conversation": "conv_1"},
+    ],
+    ids=["stored-response", "server-tool", "conversation"],
+)
+def test_a_request_drawing_on_upstream_context_reserves_a_whole_context_window(extra: dict[str, object]) -> None:
+    w = World().with_policies(CAPPED)
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1/responses", x_api_key=w.key), False)
+    adm = ex.on_request_body(json.dumps({"model": "fake-openai-model", "input": "hi", "max_output_tokens": 10, **extra}).encode())
+    assert isinstance(adm, Admission)
+    assert adm.amount >= Decimal(1_000_000) * Decimal("2.50") / 1_000_000
