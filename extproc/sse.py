@@ -1,46 +1,104 @@
-"""Incremental server-sent-events splitting: events may split or merge across body chunks."""
+"""Incremental server-sent-events splitting: events may split or merge across body chunks.
+
+Each event comes back with its exact bytes, so a caller that rewrites a stream can forward
+everything it does not mean to change byte for byte.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# A partial event held while waiting for its end. Past this the stream is not SSE as Spendgate
+# knows it (or is hostile): stop splitting and let the bytes through unparsed.
+MAX_PENDING_BYTES = 1 << 20
+
+# A line ends in CRLF, LF or CR, and an event at an empty line: two line ends in a row. The
+# groups are atomic so that one CRLF is never read as a CR and then an LF (two line ends).
+_EVENT_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+# The longest event end is CRLF CRLF: one that a new chunk completes starts at most 3 bytes
+# before the chunk.
+_END_REACH = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as it went by."""
+
+    raw: bytes  # its exact bytes, the blank line that ended it included
+    data: str | None  # its `data` lines joined by LF; None when it had none (comments, keep-alives)
+    name: str | None = None  # its `event:` field
+    parsed: bool = True  # False for bytes let through unsplit after the decoder gave up
 
 
 class SSEDecoder:
-    """Feed raw bytes, get the `data` payload of each complete event."""
+    """Feed raw bytes, get each complete event with its exact bytes.
 
-    __slots__ = ("_buf",)
+    A partial event is held until its end arrives, up to `max_pending` bytes. Past that the
+    decoder gives up for good (`overflowed`): what it held comes back as one unparsed Event, and
+    so does every later chunk, so no byte is ever held back or lost.
+    """
 
-    def __init__(self) -> None:
-        self._buf = b""
+    __slots__ = ("_buf", "_max_pending", "_scan", "overflowed")
 
-    def feed(self, chunk: bytes) -> list[str]:
-        """Return the data of every event completed by `chunk`, in order."""
-        buf = self._buf + chunk if self._buf else chunk
-        out: list[str] = []
+    def __init__(self, max_pending: int = MAX_PENDING_BYTES) -> None:
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the next event end resumes
+        self._max_pending = max_pending
+        self.overflowed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes held: a partial event waiting for its end."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Every event completed by `chunk`, in order."""
+        if self.overflowed:
+            return [Event(bytes(chunk), None, parsed=False)] if chunk else []
+        buf = self._buf
+        buf += chunk
+        out: list[Event] = []
         start = 0
-        for m in _EVENT_END.finditer(buf):
-            data = _event_data(buf[start : m.start()])
-            if data is not None:
-                out.append(data)
+        for m in _EVENT_END.finditer(buf, self._scan):
+            out.append(_event(bytes(buf[start : m.end()])))
             start = m.end()
-        self._buf = buf[start:]
+        if start:
+            del buf[:start]
+        self._scan = max(0, len(buf) - _END_REACH)
+        if len(buf) > self._max_pending:
+            self.overflowed = True
+            out.append(Event(bytes(buf), None, parsed=False))
+            buf.clear()
+            self._scan = 0
         return out
 
-    def flush(self) -> list[str]:
-        """Data of a final event that ended without a blank line (a stream cut short)."""
-        rest, self._buf = self._buf, b""
-        data = _event_data(rest) if rest.strip() else None
-        return [data] if data is not None else []
+    def flush(self) -> list[Event]:
+        """A final event that ended without a blank line (a stream cut short, or a sloppy server)."""
+        if not self._buf:
+            return []
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._scan = 0
+        return [_event(rest)]
 
 
-def _event_data(raw: bytes) -> str | None:
-    parts = []
-    for line in raw.splitlines():
-        if line.startswith(b"data:"):
-            value = line[5:]
-            parts.append(value[1:] if value.startswith(b" ") else value)
-    if not parts:
-        return None
-    return b"\n".join(parts).decode("utf-8", "replace")
+def _event(raw: bytes) -> Event:
+    data: list[bytes] = []
+    name: bytes | None = None
+    for line in _LINE_END.split(raw):
+        if not line or line.startswith(b":"):
+            continue
+        field, colon, value = line.partition(b":")
+        if colon and value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value
+    return Event(
+        raw,
+        b"\n".join(data).decode("utf-8", "replace") if data else None,
+        name.decode("utf-8", "replace") if name is not None else None,
+    )

@@ -30,9 +30,28 @@ class Usage:
     cache_write_1h_tokens: int = 0
 
 
-def as_int(value: Any) -> int:
-    """A token count from provider JSON, where absent or null means zero."""
-    return int(value) if isinstance(value, int | float) else 0
+def as_int(value: Any, ceiling: int = 2**53) -> int:
+    """A token count from provider JSON: always an int in [0, ceiling].
+
+    Absent or null means zero, and so does anything that is not a plain count: a boolean, a
+    negative, NaN or an infinity, a fraction, an object. A float with no fractional part (12.0)
+    and a decimal string ("12", protobuf's JSON form of a 64-bit integer) read as that integer.
+    Whoever needs to know that a value was bad asks `providers.base.count_problem`.
+    """
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not value.is_integer():  # NaN and the infinities included
+            return 0
+        number = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        # int() refuses strings of more than 4300 digits; anything past 20 is over the ceiling.
+        number = int(value) if len(value) <= 20 else ceiling
+    else:
+        return 0
+    return min(max(number, 0), ceiling)
 
 
 # Column limits of usage_events. numeric(30,18) holds |x| < 10^12 at 18 decimal places.

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 from extproc.providers.base import (
     FREE_METHODS,
+    UPSTREAM_CONTEXT_TOKENS,
     BadRequest,
     Change,
+    JSONRejected,
     ParsedRequest,
+    Reported,
     SSEAccountant,
     StreamAccountant,
+    UsageReader,
+    capped,
     clamp,
     collect_text,
+    count_field,
+    json_text,
     load_json_object,
-    optional_int,
+    load_response_json,
+    optional_object,
     optional_str,
     stream_flag,
+    visible_text,
+    walk_dicts,
 )
-from extproc.usage import Usage, as_int
+from extproc.usage import Usage
 
 CHAT = "chat.completions"
 COMPLETIONS = "completions"
@@ -32,7 +43,6 @@ _APIS = {
     "/v1/responses": RESPONSES,
     "/v1/embeddings": EMBEDDINGS,
 }
-_PROMPT_KEYS = frozenset({"content", "text", "input", "prompt", "instructions", "arguments"})
 _DELTA_KEYS = frozenset({"content", "text", "arguments", "delta", "refusal"})
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -42,6 +52,40 @@ _ERROR_TYPES = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_exceeded", "rate_limit_exceeded"),
 }
+# Output ceilings, any of which a client may send: chat takes max_completion_tokens (max_tokens
+# is its deprecated alias), completions max_tokens, responses max_output_tokens. All count
+# reasoning tokens. When several are present the largest is reserved.
+_CEILINGS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# Documented ranges of the completion multipliers (API reference: chat `n` and completions `n`
+# up to 128, completions `best_of` up to 20).
+MAX_N = 128
+MAX_BEST_OF = 20
+
+# -- input tiktoken cannot read: worst cases per part ------------------------------------------
+# Images (image_url in chat, input_image in responses) are reserved at high detail whatever the
+# request says ("auto" may choose high). Tile models (GPT-4o, o1, o3): fit in 2048x2048, short
+# side down to 768 px, 170 tokens per 512 px tile plus 85 — at most 2x4 tiles, 1,445 tokens.
+# Patch models (GPT-4.1 mini/nano, o4-mini, ...): at most 1,536 patches of 32 px times a
+# per-model factor of up to 2.46 (GPT-4.1 nano), 3,779 tokens. 6,000 covers both with room for
+# factors not yet published. Source: OpenAI's images-and-vision guide, "Calculating costs".
+IMAGE_TOKENS = 6_000
+# GPT-4o mini bills an image as 2,833 tokens plus 5,667 per tile (same guide): 8 tiles, 48,169.
+IMAGE_TOKENS_4O_MINI = 48_169
+# Audio input (input_audio) is billed at about 10 tokens a second (one per 100 ms: $0.06 a
+# minute at $100 per million audio tokens). The most compressed format accepted, mp3 at
+# 8 kbit/s, carries a second in ~1,336 base64 characters; one token per 16 characters leaves
+# an 8x margin. Audio sent by reference (an earlier answer's `audio.id`) has no size to go by:
+# reserved as 30 minutes.
+AUDIO_B64_CHARS_PER_TOKEN = 16
+AUDIO_REFERENCE_TOKENS = 18_000
+# Files (file in chat, input_file in responses): a PDF reaches the model as each page's text
+# plus an image of the page, at most 100 pages per request (OpenAI's file inputs guide). Each
+# page is reserved as the image bound plus 3,000 tokens of text (a dense page runs 1,500-3,000).
+# The page limit is per request, so this is reserved once however many files there are.
+PDF_PAGES_PER_REQUEST = 100
+PDF_TEXT_TOKENS_PER_PAGE = 3_000
+# Tools that run on the client: their results come back in a later request's body.
+_CLIENT_TOOLS = frozenset({"function", "custom"})
 
 
 class OpenAI:
@@ -68,12 +112,17 @@ class OpenAI:
         if not model:
             raise BadRequest("you must provide a model parameter")
         stream = stream_flag(doc)
-        max_tokens = optional_int(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
-        req = ParsedRequest(model=model, stream=stream, max_tokens=max_tokens, body=doc)
+        ceilings = [c for c in (count_field(doc, k) for k in _CEILINGS) if c is not None]
+        req = ParsedRequest(
+            model=model,
+            stream=stream,
+            max_tokens=max(ceilings) if ceilings and api != EMBEDDINGS else None,
+            multiplier=_multiplier(api, doc),
+            extra_input_tokens=_unseen_input(api, doc, model),
+            body=doc,
+        )
         if stream and api in (CHAT, COMPLETIONS):
-            options = doc.get("stream_options")
-            if options is not None and not isinstance(options, dict):
-                raise BadRequest("'stream_options' must be an object")
+            options = optional_object(doc, "stream_options")
             if not (options or {}).get("include_usage"):
                 # Without this the stream carries no usage at all; the client did not ask for
                 # it, so the accountant hides the extra chunk again.
@@ -82,53 +131,56 @@ class OpenAI:
                 req.strip_usage = True
         return req
 
-    def usage_from_response(self, api: str, doc: Any) -> tuple[Usage | None, str | None]:
-        """See Provider.usage_from_response."""
+    def response_usage(self, api: str, doc: Any) -> Reported:
+        """See Provider.response_usage."""
         if not isinstance(doc, dict):
-            return None, None
+            return Reported()
         if api == RESPONSES and isinstance(doc.get("response"), dict):
             doc = doc["response"]
-        model = doc.get("model") if isinstance(doc.get("model"), str) else None
-        raw = doc.get("usage")
-        if not isinstance(raw, dict):
-            return None, model
-        return _usage(raw), model
+        reader = UsageReader()
+        raw = reader.obj(doc, "usage")
+        return reader.reported(_usage(raw, reader) if raw else None, doc.get("model"))
+
+    def usage_from_response(self, api: str, doc: Any) -> tuple[Usage | None, str | None]:
+        """See Provider.usage_from_response."""
+        reported = self.response_usage(api, doc)
+        return reported.usage, reported.model
 
     def stream_accountant(self, api: str, request: ParsedRequest) -> StreamAccountant:
         """See Provider.stream_accountant."""
+        whole = functools.partial(self.response_usage, api)
         if api == RESPONSES:
-            return SSEAccountant(_is_response_done, self._reduce_responses, _delta_text, _is_response_done)
+            return SSEAccountant(
+                _is_response_done, self._reduce_responses, _delta_text, _is_response_done, whole=whole
+            )
         return SSEAccountant(
             _carries_usage,
-            self._reduce_chunks,
+            _reduce_chunks,
             _delta_text,
             lambda data: data == "[DONE]",
             drop=_is_usage_only_chunk if request.strip_usage else None,
+            whole=whole,
         )
 
-    def _reduce_chunks(self, docs: list[Any]) -> tuple[Usage | None, str | None]:
-        usage: Usage | None = None
-        model = None
+    def _reduce_responses(self, docs: list[Any]) -> Reported:
+        # The terminal event (response.completed, .incomplete, .failed) carries the response.
+        found = Reported()
         for d in docs:
-            if isinstance(d, dict) and isinstance(d.get("usage"), dict):
-                usage = _usage(d["usage"])
-                model = d.get("model") or model
-        return usage, model
-
-    def _reduce_responses(self, docs: list[Any]) -> tuple[Usage | None, str | None]:
-        usage: Usage | None = None
-        model = None
-        for d in docs:
-            u, m = self.usage_from_response(RESPONSES, d)
-            usage, model = u or usage, m or model
-        return usage, model
+            reported = self.response_usage(RESPONSES, d)
+            if reported.usage is not None or found.usage is None:
+                found = reported
+        return found
 
     def prompt_text(self, api: str, doc: Any) -> str:
-        """See Provider.prompt_text."""
+        """See Provider.prompt_text. Tool definitions and output schemas count as their JSON."""
         if not isinstance(doc, dict):
             return ""
-        parts = [doc.get(k) for k in ("messages", "prompt", "input", "instructions", "tools")]
-        return "\n".join(collect_text([p for p in parts if p is not None], _PROMPT_KEYS))
+        parts = visible_text([doc.get(k) for k in ("instructions", "messages", "prompt", "input", "suffix")])
+        for key in ("tools", "functions", "response_format"):
+            parts.append(json_text(doc.get(key)))
+        if isinstance(doc.get("text"), dict):  # responses: {"format": {"type": "json_schema", ...}}
+            parts.append(json_text(doc["text"]))
+        return "\n".join(p for p in parts if p)
 
     def transform(self, api: str, doc: dict[str, Any], path: str, change: Change) -> tuple[bool, str | None]:
         """See Provider.transform."""
@@ -167,18 +219,109 @@ class OpenAI:
         ).encode()
 
 
-def _usage(raw: dict[str, Any]) -> Usage:
+def _usage(raw: dict[str, Any], reader: UsageReader) -> Usage:
     # Chat/completions/embeddings name them prompt/completion; the Responses API input/output.
-    inp = as_int(raw.get("prompt_tokens", raw.get("input_tokens")))
-    out = as_int(raw.get("completion_tokens", raw.get("output_tokens")))
-    in_details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
-    out_details = raw.get("completion_tokens_details") or raw.get("output_tokens_details") or {}
-    return Usage(
-        input_tokens=inp,
-        cached_input_tokens=as_int(in_details.get("cached_tokens")),
-        output_tokens=out,
-        reasoning_tokens=as_int(out_details.get("reasoning_tokens")),
+    chat_names = raw.get("prompt_tokens") is not None or raw.get("completion_tokens") is not None
+    inp = reader.get(raw, "prompt_tokens" if chat_names else "input_tokens")
+    out = reader.get(raw, "completion_tokens" if chat_names else "output_tokens")
+    in_details = reader.obj(raw, "prompt_tokens_details" if chat_names else "input_tokens_details")
+    out_details = reader.obj(raw, "completion_tokens_details" if chat_names else "output_tokens_details")
+    return reader.usage(
+        Usage(
+            input_tokens=inp,
+            cached_input_tokens=reader.get(in_details, "cached_tokens"),
+            output_tokens=out,
+            reasoning_tokens=reader.get(out_details, "reasoning_tokens"),
+        )
     )
+
+
+def _reduce_chunks(docs: list[Any]) -> Reported:
+    # Only the final chunk carries usage; a model name may come on any chunk.
+    usage: Usage | None = None
+    model: str | None = None
+    anomalies: tuple[str, ...] = ()
+    for d in docs:
+        if not isinstance(d, dict):
+            continue
+        if isinstance(d.get("model"), str) and d["model"]:
+            model = d["model"]
+        reader = UsageReader()
+        raw = reader.obj(d, "usage")
+        if raw:
+            usage, anomalies = _usage(raw, reader), tuple(reader.anomalies)
+    return Reported(usage, model, anomalies)
+
+
+def _multiplier(api: str, doc: dict[str, Any]) -> int:
+    """How many completions the request is billed for, each up to the output ceiling."""
+    if api == CHAT:
+        return count_field(doc, "n", maximum=MAX_N) or 1
+    if api == COMPLETIONS:
+        # best_of completions are generated per prompt and the best n returned (best_of >= n);
+        # a list of prompts is a batch, each prompt getting its own.
+        n = count_field(doc, "n", maximum=MAX_N) or 1
+        best_of = count_field(doc, "best_of", maximum=MAX_BEST_OF) or 1
+        return max(n, best_of) * _prompt_count(doc.get("prompt"))
+    return 1
+
+
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts a completions `prompt` holds: a string, a token array, or a list of either."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return 1
+
+
+def _token_ids(value: Any) -> int:
+    """Tokens given as ids rather than text (completions `prompt`, embeddings `input`)."""
+    if not isinstance(value, list):
+        return 0
+    if all(isinstance(t, int) for t in value):
+        return len(value)
+    return sum(len(v) for v in value if isinstance(v, list))
+
+
+def _unseen_input(api: str, doc: dict[str, Any], model: str) -> int:
+    """A worst case in tokens for the input of a request that tiktoken cannot read."""
+    if api in (COMPLETIONS, EMBEDDINGS):
+        return capped(_token_ids(doc.get("prompt" if api == COMPLETIONS else "input")))
+    image = IMAGE_TOKENS_4O_MINI if model.startswith("gpt-4o-mini") else IMAGE_TOKENS
+    total = 0
+    files = False
+    upstream = any(
+        doc.get(k) is not None for k in ("previous_response_id", "conversation", "web_search_options")
+    )
+    if api == RESPONSES and isinstance(doc.get("prompt"), dict):  # a stored prompt template
+        upstream = True
+    for part in walk_dicts(doc.get("messages"), doc.get("input")):
+        kind = part.get("type")
+        if kind in ("image_url", "input_image"):
+            total += image
+        elif kind == "input_audio":
+            audio = part.get("input_audio")
+            data = audio.get("data") if isinstance(audio, dict) else part.get("data")
+            total += (
+                -(-len(data) // AUDIO_B64_CHARS_PER_TOKEN)
+                if isinstance(data, str)
+                else AUDIO_REFERENCE_TOKENS
+            )
+        elif kind in ("file", "input_file"):
+            files = True
+        elif kind == "item_reference":
+            upstream = True
+        elif part.get("role") == "assistant" and isinstance(part.get("audio"), dict):
+            total += AUDIO_REFERENCE_TOKENS
+    if files:
+        total += PDF_PAGES_PER_REQUEST * (image + PDF_TEXT_TOKENS_PER_PAGE)
+    tools = doc.get("tools")
+    if isinstance(tools, list) and any(
+        not (isinstance(t, dict) and t.get("type") in _CLIENT_TOOLS) for t in tools
+    ):
+        upstream = True  # web search, file search, code interpreter, MCP: results billed as input
+    if upstream:
+        total += UPSTREAM_CONTEXT_TOKENS
+    return capped(total)
 
 
 def _carries_usage(data: str) -> bool:
@@ -194,8 +337,8 @@ def _is_usage_only_chunk(data: str) -> bool:
     if not _carries_usage(data):
         return False
     try:
-        doc = json.loads(data)
-    except ValueError:
+        doc = load_response_json(data)
+    except JSONRejected:
         return False
     return isinstance(doc, dict) and not doc.get("choices")
 
