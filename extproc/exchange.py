@@ -180,6 +180,8 @@ class Exchange:
         self._flags: set[str] = set()  # see UsageRecord.flags
         self._broken = False  # accounting failed mid-response: pass the rest through untouched
         self._body_bytes = 0
+        self._held_back = False  # the response body is buffered: the client has seen nothing yet
+        self._client_status: int | None = None  # what the client got, when not the upstream's status
         self._max_out: int | None = None  # per completion, after policy clamps
         self._tags: dict[str, str] = {}
         self._rewrite_error = False
@@ -444,6 +446,7 @@ class Exchange:
                 reply.remove_headers.append("content-length")
         else:
             reply.response_body_mode = "BUFFERED"
+            self._held_back = True
         return reply
 
     # -- response body -----------------------------------------------------------------
@@ -503,8 +506,13 @@ class Exchange:
             return
         if self._stream is not None and self._stream.ended:
             self.finalize("complete")
-        else:
-            self.finalize("client_disconnect" if self._status == 0 else "incomplete")
+            return
+        if self._held_back and self._status < 300:
+            # A buffered answer that never ended never reached the client: Envoy answered it
+            # with a 502 of its own, so the record says what the client saw. The provider still
+            # ran (and bills) the request: its tokens are estimated as for any cut answer.
+            self._client_status = 502
+        self.finalize("client_disconnect" if self._status == 0 else "incomplete")
 
     def reject(
         self, status: int, message: str, *, record: bool = True, headers: tuple[tuple[str, str], ...] = ()
@@ -602,7 +610,7 @@ class Exchange:
             price_version=prices.version,
             latency_ms=self._elapsed_ms(),
             ttft_ms=self._ttft_ms,
-            status=self._status or 499,
+            status=self._client_status or self._status or 499,
             outcome=outcome,
             stream=bool(self._request and self._request.stream),
             estimated=estimated or bool(self._flags & _ESTIMATING_FLAGS),

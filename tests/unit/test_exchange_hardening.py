@@ -222,3 +222,15 @@ def test_a_request_drawing_on_upstream_context_reserves_a_whole_context_window(e
     adm = ex.on_request_body(json.dumps({"model": "fake-openai-model", "input": "hi", "max_output_tokens": 10, **extra}).encode())
     assert isinstance(adm, Admission)
     assert adm.amount >= Decimal(1_000_000) * Decimal("2.50") / 1_000_000
+
+
+def test_a_buffered_answer_cut_short_is_recorded_with_the_502_the_client_got() -> None:
+    w = World()
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    ex.on_request_body(b'{"model":"fake-openai-model","messages":[{"role":"user","content":"hi"}]}')
+    ex.on_response_headers({":status": "200", "content-type": "application/json"}, False)
+    ex.on_response_body(b'{"id":"x","usage":', False)
+    ex.abandon()
+    (rec,) = w.records
+    assert (rec.status, rec.outcome, rec.estimated) == (502, "incomplete", True)
