@@ -7,7 +7,9 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.tls_port and not (args.tls_cert and args.tls_key):
         raise admin.AdminError("--tls-port needs --tls-cert and --tls-key")
+    if args.fail_open:
+        from extproc import failopen
+
+        failopen.failopen_config(args.home, args.fail_open)  # each needs a break-glass key: fail now
     log.configure(os.environ.get("SPENDGATE_LOG_LEVEL", "INFO"))
     stack = Stack(
         StackOptions(
@@ -76,12 +82,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            fail_open=args.fail_open or [],
         )
     )
     stack.start()
     print(f"Spendgate is up.\n  proxy:  {stack.proxy_url}\n  admin:  {stack.admin_url}", flush=True)
     if args.tls_port:
         print(f"  https:  https://{args.host}:{args.tls_port}", flush=True)
+    if args.fail_open:
+        print(
+            f"  fail-open: {', '.join(args.fail_open)} (served with the break-glass key while extproc is down)"
+        )
     print(
         "Point an SDK's base URL at the proxy and use a wrapped key (spendgate keys create). Ctrl-C stops.",
         flush=True,
@@ -230,6 +241,70 @@ def cmd_envoy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_breakglass(args: argparse.Namespace) -> int:
+    """breakglass set|list|remove: the provider keys Envoy holds for fail-open."""
+    from extproc import failopen
+
+    home = _home()
+    if args.action == "set":
+        path = failopen.set_breakglass(home, args.provider, _read_secret(args.secret_env), args.base_url)
+        print(f"stored the break-glass key for {args.provider} in {path} (mode 0600)")
+    elif args.action == "list":
+        _print_rows(failopen.list_breakglass(home), args.json)
+    else:
+        found = failopen.remove_breakglass(home, args.provider)
+        print(
+            f"removed the break-glass key for {args.provider}"
+            if found
+            else f"no break-glass key for {args.provider}"
+        )
+    return 0
+
+
+def cmd_failopen(args: argparse.Namespace) -> int:
+    """failopen import: usage records for the requests Envoy served while the filter was down."""
+    from extproc import failopen
+
+    log.configure(os.environ.get("SPENDGATE_LOG_LEVEL", "WARNING"))  # stdout is for the result
+    home = _home()
+    log_path = args.log or home / failopen.ACCESS_LOG
+    importer = failopen.Importer(
+        log_path,
+        db.database_url(home),
+        prices=failopen.load_prices(args.policies),
+        prefixes=failopen.path_prefixes(home),
+    )
+    try:
+        stats = importer.run()
+    except failopen.ImportDeferred as exc:
+        print(f"spendgate: {exc}; nothing imported, run again later", file=sys.stderr)
+        return 1
+    print(json.dumps(stats.as_dict()))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """A synthetic request through Envoy, the filter and the provider."""
+    from extproc import probe
+
+    key = os.environ.get(args.key_env, "")
+    if not key:
+        raise admin.AdminError(f"environment variable {args.key_env} is empty or unset")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return probe.run(
+        args.url,
+        key,
+        provider=args.provider,
+        every=args.every.total_seconds() if args.every else None,
+        timeout=args.timeout,
+        textfile=args.textfile,
+        listen=_host_port(args.metrics_listen) if args.metrics_listen else None,
+        stop=stop,
+    )
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     """policy check DIR."""
     from extproc.policy_check import check_dir
@@ -274,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-port", type=int)
     up.add_argument("--tls-cert")
     up.add_argument("--tls-key")
+    up.add_argument(
+        "--fail-open",
+        action="append",
+        choices=["openai", "anthropic", "gemini"],
+        help="serve this provider with its break-glass key while extproc is unreachable (repeatable)",
+    )
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run one extproc gRPC process")
@@ -345,6 +426,40 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("action", choices=["render", "clusters"])
     env.add_argument("--out", type=Path, default=Path("envoy"))
     env.set_defaults(func=cmd_envoy)
+
+    bg = sub.add_parser("breakglass", help="provider keys Envoy uses itself in fail-open mode")
+    bgsub = bg.add_subparsers(dest="action", required=True)
+    bgs = bgsub.add_parser(
+        "set", help="store a break-glass key (read from stdin or --secret-env, never argv)"
+    )
+    bgs.add_argument("--provider", required=True, choices=["openai", "anthropic", "gemini"])
+    bgs.add_argument("--secret-env", help="name of an environment variable holding the key")
+    bgs.add_argument("--base-url", help="where the key is valid (default: the provider's public API)")
+    bgl = bgsub.add_parser("list")
+    bgl.add_argument("--json", action="store_true")
+    bgr = bgsub.add_parser("remove")
+    bgr.add_argument("--provider", required=True, choices=["openai", "anthropic", "gemini"])
+    bg.set_defaults(func=cmd_breakglass)
+
+    fo = sub.add_parser("failopen", help="requests Envoy served while the filter was down")
+    fo.add_argument("action", choices=["import"])
+    fo.add_argument(
+        "--log", type=Path, help="Envoy's fail-open access log (default: ~/.spendgate/failopen.log)"
+    )
+    fo.add_argument("--policies", type=Path, default=_default_policies(), help="for the price table")
+    fo.set_defaults(func=cmd_failopen)
+
+    pr = sub.add_parser("probe", help="a synthetic request through Envoy, the filter and the provider")
+    pr.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SPENDGATE_PORT', '8080')}")
+    pr.add_argument(
+        "--key-env", required=True, help="environment variable holding the wrapped key to probe with"
+    )
+    pr.add_argument("--provider", choices=["openai", "anthropic", "gemini"], default="openai")
+    pr.add_argument("--every", type=_duration, help="probe on this schedule (e.g. 30s) instead of once")
+    pr.add_argument("--timeout", type=float, default=10.0)
+    pr.add_argument("--textfile", type=Path, help="write Prometheus text here after each probe")
+    pr.add_argument("--metrics-listen", help="host:port to serve Prometheus /metrics on")
+    pr.set_defaults(func=cmd_probe)
 
     pol = sub.add_parser("policy", help="policy files")
     pol.add_argument("action", choices=["check"])

@@ -312,43 +312,68 @@ _REFUSED = {"status": 503, "body": {"inline_string": _NOT_AUTHORISED}}
 
 
 def _unrouted(fail_open: Sequence[FailOpen]) -> list[dict[str, Any]]:
-    """Routes for requests that carry no route header: refused, or a provider's break-glass route."""
+    """Routes for requests that carry no route header: refused, or a provider's break-glass route.
+
+    A break-glass route takes only requests that present something shaped like a wrapped key:
+    without the filter Envoy cannot tell a valid key from a made-up one, but a request with no
+    key at all, or with a raw provider key, is still refused.
+    """
+    refused = {"name": "spendgate_refused", "match": {"prefix": "/"}, "direct_response": _REFUSED}
     if not fail_open:
-        return [{"name": "spendgate_refused", "match": {"prefix": "/"}, "direct_response": _REFUSED}]
+        return [refused]
     by_provider = {fo.provider: fo for fo in fail_open}
     routes = []
     # Gemini before Anthropic before OpenAI, whose paths are the catch-all: each request goes to
     # the provider the filter would have taken it for (extproc.providers.guess_from_request).
     for provider in ("gemini", "anthropic", "openai"):
         fo = by_provider.get(provider)
-        for i, match in enumerate(PROVIDER_MATCHES[provider]):
-            if fo is None:
+        if fo is None:
+            # Not this provider's break-glass route, nor a later provider's: refused here.
+            routes += [
+                {"name": f"spendgate_refused_{provider}", "match": m, "direct_response": _REFUSED}
+                for m in PROVIDER_MATCHES[provider]
+                if provider != "openai"
+            ]
+            continue
+        route: dict[str, Any] = {
+            "cluster": failopen_cluster_name(provider),
+            "auto_host_rewrite": True,
+            "timeout": "600s",
+            "idle_timeout": "300s",
+        }
+        if fo.upstream.path_prefix:
+            route["prefix_rewrite"] = fo.upstream.path_prefix + "/"
+        for match in PROVIDER_MATCHES[provider]:
+            for credential in WRAPPED_KEY_MATCHES:
                 routes.append(
-                    {"name": f"spendgate_refused_{provider}", "match": match, "direct_response": _REFUSED}
+                    {
+                        "name": f"{FAILOPEN_ROUTE_PREFIX}{provider}_{len(routes)}",
+                        "match": _and(match, credential),
+                        "route": route,
+                        # An unreachable filter lets these requests through (failure_mode_allow);
+                        # everywhere else it stays closed.
+                        "typed_per_filter_config": _ext_proc_per_route(failure_mode_allow=True),
+                        # The wrapped key never goes up; the break-glass cluster strips it again
+                        # and puts on Envoy's own credential (failopen_cluster).
+                        "request_headers_to_remove": [UPSTREAM_HEADER, *CREDENTIAL_HEADERS],
+                    }
                 )
-                continue
-            route: dict[str, Any] = {
-                "cluster": failopen_cluster_name(provider),
-                "auto_host_rewrite": True,
-                "timeout": "600s",
-                "idle_timeout": "300s",
-            }
-            if fo.upstream.path_prefix:
-                route["prefix_rewrite"] = fo.upstream.path_prefix + "/"
-            routes.append(
-                {
-                    "name": FAILOPEN_ROUTE_PREFIX + provider + (f"_{i}" if i else ""),
-                    "match": match,
-                    "route": route,
-                    # An unreachable filter lets these requests through (failure_mode_allow);
-                    # everywhere else it stays closed.
-                    "typed_per_filter_config": _ext_proc_per_route(failure_mode_allow=True),
-                    # The wrapped key never goes up; the break-glass cluster strips it again and
-                    # puts on Envoy's own credential (failopen_cluster).
-                    "request_headers_to_remove": [UPSTREAM_HEADER, *CREDENTIAL_HEADERS],
-                }
-            )
+        # This provider's requests without a wrapped key are refused here.
+        routes += [
+            {"name": f"spendgate_refused_{provider}", "match": m, "direct_response": _REFUSED}
+            for m in PROVIDER_MATCHES[provider]
+            if provider != "openai"
+        ]
+    routes.append(refused)
     return routes
+
+
+def _and(match: dict[str, Any], credential: dict[str, Any]) -> dict[str, Any]:
+    """A provider's path match that also requires a credential match (headers, query)."""
+    out = dict(match)
+    for k, v in credential.items():
+        out[k] = [*out.get(k, []), *v]
+    return out
 
 
 @dataclass(frozen=True)
@@ -366,8 +391,7 @@ FAILOPEN_METADATA = "spendgate.failopen"
 # How a request is recognised as a provider's; the order between providers matters (_unrouted).
 PROVIDER_MATCHES: dict[str, list[dict[str, Any]]] = {
     "gemini": [
-        {"prefix": "/v1beta/"},
-        {"prefix": "/v1alpha/"},
+        {"safe_regex": {"regex": "^/v1(beta|alpha)/.*"}},
         {"prefix": "/", "headers": [{"name": "x-goog-api-key", "present_match": True}]},
     ],
     "anthropic": [
@@ -461,12 +485,32 @@ def failopen_cluster(fo: FailOpen, ca_file: str) -> dict[str, Any]:
     return cluster
 
 
+# The shape of a wrapped key (extproc.wrapped_keys.generate): `sg-` and 43 base62 characters.
+WRAPPED_KEY = "sg-[0-9A-Za-z]{43}"
+_BEARER = "[Bb]earer +"
+_QUERY_NAMES = "|".join(sorted(CREDENTIAL_QUERY))
+# Where a request can carry its wrapped key, as route matches (any one of them will do): the
+# headers the filter reads, and Gemini's `key` query parameter (the filter also takes a few
+# rarer query names; with the filter down those requests are refused).
+WRAPPED_KEY_MATCHES: list[dict[str, Any]] = [
+    {
+        "headers": [
+            {"name": "authorization", "string_match": {"safe_regex": {"regex": f"^{_BEARER}{WRAPPED_KEY}$"}}}
+        ]
+    },
+    *(
+        {"headers": [{"name": h, "string_match": {"safe_regex": {"regex": f"^{WRAPPED_KEY}$"}}}]}
+        for h in ("x-api-key", "x-goog-api-key", "api-key")
+    ),
+    {"query_parameters": [{"name": "key", "string_match": {"safe_regex": {"regex": f"^{WRAPPED_KEY}$"}}}]},
+]
 # A wrapped key's visible prefix (extproc.wrapped_keys.visible_prefix), or nothing: the pattern
 # matches every value, so a value that is not a wrapped key (a raw provider key sent by mistake)
 # is replaced by the empty string, never stored.
-_PREFIX_ONLY = r"^(?:[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+)?(sg-[0-9A-Za-z]{0,8})?.*$"
+# (Envoy refuses regexes whose RE2 program is large, so these check the characters, not the length.)
+_PREFIX_ONLY = "^(?:[A-Za-z]+[ \t]+)?(?:(sg-[0-9A-Za-z]{8})[0-9A-Za-z]+$|.*$)"
 _QUERY_PREFIX_ONLY = (
-    r"^(?:[^?]*\?(?:[^#]*&)?(?:" + "|".join(sorted(CREDENTIAL_QUERY)) + r")=(sg-[0-9A-Za-z]{0,8}))?.*$"
+    f"^(?:[^?#]*[?](?:[^#]*&)?(?:{_QUERY_NAMES})=(sg-[0-9A-Za-z]{{8}})[0-9A-Za-z]*(?:[&#].*)?$|.*$)"
 )
 # Where the access log finds the key prefix, in the order the importer trusts them.
 KEY_PREFIX_SOURCES = {
@@ -478,7 +522,8 @@ KEY_PREFIX_SOURCES = {
 }
 
 
-def _prefix_key(source: str) -> str:
+def key_prefix_field(source: str) -> str:
+    """The metadata key (and log field) of the key prefix found in `source`."""
     return "key_prefix_" + source.strip(":").replace("-", "_")
 
 
@@ -496,7 +541,7 @@ def key_prefix_filter() -> dict[str, Any]:
                     "header": source,
                     "on_header_present": {
                         "metadata_namespace": FAILOPEN_METADATA,
-                        "key": _prefix_key(source),
+                        "key": key_prefix_field(source),
                         "type": "STRING",
                         "regex_value_rewrite": {"pattern": {"regex": pattern}, "substitution": r"\1"},
                     },
@@ -570,7 +615,7 @@ def failopen_log_format() -> dict[str, str]:
         "content_type": "%RESP(CONTENT-TYPE)%",
     }
     for source in KEY_PREFIX_SOURCES:
-        fields[_prefix_key(source)] = f"%DYNAMIC_METADATA({md}:{_prefix_key(source)})%"
+        fields[key_prefix_field(source)] = f"%DYNAMIC_METADATA({md}:{key_prefix_field(source)})%"
     return fields
 
 

@@ -19,7 +19,7 @@ import psycopg
 import structlog
 import yaml
 
-from extproc import db, envoy_config
+from extproc import db, envoy_config, failopen
 from extproc.crypto import load_keyring
 from extproc.embedded_pg import EmbeddedPostgres
 from extproc.upstreams import Upstream, follow_chain, upstream_for
@@ -44,6 +44,7 @@ class StackOptions:
     tls_key: str | None = None
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
+    fail_open: list[str] = field(default_factory=list)  # providers Envoy serves itself while extproc is down
 
 
 def _die_with_parent() -> None:
@@ -150,6 +151,7 @@ class Stack:
                 tls_cert=self.opts.tls_cert,
                 tls_key=self.opts.tls_key,
                 cds_path=str(cds),
+                **failopen.bootstrap_options(self.opts.home, self.opts.fail_open),
             )
         )
         boot_path = self.run_dir / "envoy.yaml"
@@ -166,10 +168,14 @@ class Stack:
                 self.opts.log_level,
                 "--base-id",
                 str(self.opts.admin_port),
+                "--file-flush-interval-msec",  # the fail-open log reaches its importer within a second
+                "1000",
             ],
             env,
         )
         self._wait_for(self._envoy_ready, "envoy readiness")
+        if self.opts.fail_open:
+            failopen.start_stack_import(self.opts.home, self.dsn, self.opts.policies, self._stop)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, start_new_session=True)

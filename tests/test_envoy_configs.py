@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import certifi
 import pytest
@@ -21,7 +23,7 @@ from extproc.upstreams import upstream_for
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 
 
-def validate(config: dict[str, object], tmp_path: Path) -> None:
+def validate(config: Mapping[str, object], tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     res = subprocess.run(
@@ -68,7 +70,10 @@ def test_shipped_bootstrap_validates(name: str, tmp_path: Path) -> None:
 
 def test_snippets_drop_into_an_existing_envoy_config_and_validate(tmp_path: Path) -> None:
     """A user's own listener plus our filters, route config and clusters, taken from the snippet files."""
-    snippet = lambda n: yaml.safe_load((ENVOY_DIR / "snippets" / n).read_text())  # noqa: E731
+
+    def snippet(name: str) -> Any:
+        return yaml.safe_load((ENVOY_DIR / "snippets" / name).read_text())
+
     config = {
         "static_resources": {
             "listeners": [
@@ -124,7 +129,7 @@ def test_bootstrap_with_a_tls_listener_validates(tmp_path: Path) -> None:
 
 def test_filter_fails_closed() -> None:
     cfg = envoy_config.ext_proc_filter()["typed_config"]
-    assert cfg["failure_mode_allow"] is False  # type: ignore[index]
+    assert cfg["failure_mode_allow"] is False
 
 
 def test_provider_clusters_verify_upstream_tls_by_default() -> None:
@@ -145,3 +150,29 @@ def test_failover_cluster_and_route_validate(tmp_path: Path) -> None:
     config = envoy_config.bootstrap(opts)
     config["static_resources"]["clusters"].append(envoy_config.failover_cluster([u.cluster for u in ups]))
     validate(config, tmp_path)
+
+
+def test_fail_open_for_every_provider_validates(tmp_path: Path) -> None:
+    from extproc import failopen
+
+    home = tmp_path / "home"
+    for provider in ("openai", "anthropic", "gemini"):
+        failopen.set_breakglass(home, provider, f"test-{provider}-key", "https://gw.example.com/prefix/v1")
+    cert, key = self_signed(tmp_path)
+    opts = envoy_config.BootstrapOptions(
+        endpoints=[envoy_config.Endpoint("unix:/tmp/x.sock")],
+        ca_file=certifi.where(),
+        tls_port=8443,
+        tls_cert=cert,
+        tls_key=key,
+        **failopen.bootstrap_options(home, ["openai", "anthropic", "gemini"]),
+    )
+    config = envoy_config.bootstrap(opts)
+    validate(config, tmp_path)
+    assert "test-openai-key" not in yaml.safe_dump(config)  # the secret stays in its own file
+
+
+def test_fail_closed_is_the_default_everywhere() -> None:
+    for name, text in shipped_configs.rendered().items():
+        assert "failure_mode_allow: true" not in text, name
+        assert "spendgate_failopen" not in text, name
