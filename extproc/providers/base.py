@@ -642,6 +642,7 @@ class SSEAccountant:
         self._text_chars = 0
         self._unkept_bytes = 0  # output seen but not kept as text
         self._flushed = False
+        self._lf_of_dropped = False
 
     def feed(self, chunk: bytes, end_of_stream: bool = False) -> bytes | None:
         """See StreamAccountant.feed."""
@@ -663,9 +664,19 @@ class SSEAccountant:
                 self._unkept_bytes += len(ev.raw)
             elif ev.data is not None:
                 drop = self._take(ev.data)
-            if out is not None:
-                # Only the event itself goes; blank lines before it belong to the one before.
-                out += ev.raw[: len(ev.raw) - len(ev.raw.lstrip(b"\r\n"))] if drop else ev.raw
+            if out is None:
+                continue
+            raw = ev.raw
+            if self._lf_of_dropped and raw.startswith(b"\n"):
+                raw = raw[1:]  # the LF of a CRLF that ended the hidden event
+            self._lf_of_dropped = False
+            if drop:
+                # Only the event itself goes: line ends before it close the event before, and a
+                # final CR may be half of a CRLF whose LF comes with the next event.
+                out += raw[: len(raw) - len(raw.lstrip(b"\r\n"))]
+                self._lf_of_dropped = raw.endswith(b"\r")
+            else:
+                out += raw
         return bytes(out) if out is not None else None
 
     def _take(self, data: str) -> bool:

@@ -127,7 +127,7 @@ def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(sse_streams(), st.lists(st.integers(0, 10_000), max_size=12))
 def test_any_chunking_yields_the_same_events_and_every_byte(stream: bytes, cuts: list[int]) -> None:
     whole = SSEDecoder()
@@ -141,7 +141,7 @@ def test_any_chunking_yields_the_same_events_and_every_byte(stream: bytes, cuts:
     assert [e.data for e in got if e.data is not None] == [e.data for e in expected if e.data is not None]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.binary(max_size=300), st.lists(st.integers(0, 1000), max_size=8))
 def test_arbitrary_bytes_never_raise_and_are_never_lost(data: bytes, cuts: list[int]) -> None:
     d = SSEDecoder(max_pending=128)
