@@ -332,7 +332,12 @@ class Exchange:
             window = price.context_window if price and price.context_window else DEFAULT_CONTEXT_WINDOW
             input_tokens = max(input_tokens, window)
         max_out = self._max_out
-        if price is not None and price.max_output_tokens and max_out is not None and max_out > price.max_output_tokens:
+        if (
+            price is not None
+            and price.max_output_tokens
+            and max_out is not None
+            and max_out > price.max_output_tokens
+        ):
             return self.reject(
                 400,
                 f"max_tokens is too large: {max_out}. Model '{decision.model}' supports at most "
@@ -561,7 +566,9 @@ class Exchange:
                 self._provider = PROVIDERS["openai"]
             self._admission = None  # nothing was reserved for a request that never got that far
             return self.reject(
-                500, "Spendgate could not process this request, so it was not forwarded", record=not self.finished
+                500,
+                "Spendgate could not process this request, so it was not forwarded",
+                record=not self.finished,
             )
         self._broken = True
         self._stream = None

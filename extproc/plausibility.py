@@ -23,7 +23,15 @@ _TEMPLATE_ALLOWANCE = 8192
 # Request fields that pull in input the body does not hold: stored conversations, cached
 # contexts, server-run tools whose results are billed as input.
 _STORED_CONTEXT = frozenset(
-    {"previous_response_id", "conversation", "prompt", "cachedContent", "cached_content", "mcp_servers", "container"}
+    {
+        "previous_response_id",
+        "conversation",
+        "prompt",
+        "cachedContent",
+        "cached_content",
+        "mcp_servers",
+        "container",
+    }
 )
 _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 _GEMINI_FUNCTION_TOOL = frozenset({"functionDeclarations", "function_declarations"})

@@ -56,7 +56,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     # A defect must neither leave the phase unanswered (Envoy would then forward the
                     # request as it is) nor lose the record: fail closed on the way in, pass the
                     # upstream's answer through on the way out, and record what is known.
-                    log.exception("exchange.failed", request_id=ex.request_id, phase=phase, error=type(exc).__name__)
+                    log.exception(
+                        "exchange.failed", request_id=ex.request_id, phase=phase, error=type(exc).__name__
+                    )
                     self._metrics.inc("spendgate_exchange_failures_total", phase=str(phase))
                     resp = msg.failed(phase, ex.fail(phase))
                 yield resp
@@ -66,14 +68,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         finally:
             ex.abandon()
 
-    async def _answer(self, ex: Exchange, req: pb.ProcessingRequest, phase: str | None) -> pb.ProcessingResponse:
+    async def _answer(
+        self, ex: Exchange, req: pb.ProcessingRequest, phase: str | None
+    ) -> pb.ProcessingResponse:
         """The reply to one phase."""
         if phase == "response_body":
             body = req.response_body
             return msg.response_body(ex.on_response_body(body.body, body.end_of_stream))
         if phase == "request_headers":
             headers = req.request_headers
-            reply = await self._admitted(ex, ex.on_request_headers(msg.header_map(headers), headers.end_of_stream))
+            reply = await self._admitted(
+                ex, ex.on_request_headers(msg.header_map(headers), headers.end_of_stream)
+            )
             if reply.immediate_status == 401:  # refused before any record exists
                 self._metrics.inc("spendgate_unauthenticated_total")
             return msg.request_headers(reply)
@@ -88,7 +94,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             return msg.request_body(await self._admitted(ex, outcome))
         if phase == "response_headers":
             headers = req.response_headers
-            return msg.response_headers(ex.on_response_headers(msg.header_map(headers), headers.end_of_stream))
+            return msg.response_headers(
+                ex.on_response_headers(msg.header_map(headers), headers.end_of_stream)
+            )
         # Trailers are configured off; if one arrives anyway it must still be answered.
         if phase not in ("request_trailers", "response_trailers"):
             log.warning("ext_proc.unexpected_phase", phase=phase)

@@ -134,7 +134,9 @@ class Policy(_Strict):
         for entry in v:
             method, _, path = entry.partition(" ")
             if not method.isupper() or not path.startswith("/"):
-                raise ValueError(f"'{entry}': a passthrough entry is 'METHOD /path-glob', e.g. 'POST /v1/files'")
+                raise ValueError(
+                    f"'{entry}': a passthrough entry is 'METHOD /path-glob', e.g. 'POST /v1/files'"
+                )
         return v
 
 
