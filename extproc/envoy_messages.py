@@ -89,7 +89,7 @@ def request_body(reply: Reply) -> pb.ProcessingResponse:
     """The reply to the buffered request-body phase."""
     if reply.immediate_status is not None:
         return immediate(reply)
-    common = pb.CommonResponse(header_mutation=_mutation(reply))
+    common = pb.CommonResponse(header_mutation=_mutation(reply), clear_route_cache=reply.clear_route_cache)
     if reply.body is not None:
         common.body_mutation.body = reply.body
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))

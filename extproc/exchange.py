@@ -182,6 +182,7 @@ class Exchange:
         self._body_bytes = 0
         self._held_back = False  # the response body is buffered: the client has seen nothing yet
         self._client_status: int | None = None  # what the client got, when not the upstream's status
+        self._routing: list[tuple[str, str]] = []  # credential and route, sent with the body reply
         self._max_out: int | None = None  # per completion, after policy clamps
         self._tags: dict[str, str] = {}
         self._rewrite_error = False
@@ -235,26 +236,31 @@ class Exchange:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
             return self.reject(413, f"request body exceeds {self._limits.max_request_body_bytes} bytes")
-        reply = Reply(
-            remove_headers=[h for h in _STRIP_ALWAYS if h in headers],
-            set_headers=[*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.route)],
-            clear_route_cache=True,
-        )
+        removed = [h for h in _STRIP_ALWAYS if h in headers]
+        routing = [*provider.auth_headers(entry.secret), (UPSTREAM_HEADER, entry.route)]
         if entry.chain:  # overwrites whatever a client sent: only this key's own chain may be used
-            reply.set_headers.append((FAILOVER_HEADER, str(entry.credential_id)))
+            routing.append((FAILOVER_HEADER, str(entry.credential_id)))
         elif FAILOVER_HEADER in headers:
-            reply.remove_headers.append(FAILOVER_HEADER)
+            removed.append(FAILOVER_HEADER)
         self._query = [(k, v) for k, v in query if k.strip().lower() not in CREDENTIAL_QUERY]
         new_path = self._upstream_path(self._path)
-        if new_path != raw_path:
-            reply.set_headers.append((":path", new_path))
+        path_change = [(":path", new_path)] if new_path != raw_path else []
         if self._api == PASSTHROUGH:
+            reply = Reply(remove_headers=removed, set_headers=routing + path_change, clear_route_cache=True)
             return self._admit_passthrough(entry, method, self._path, reply, now)
         if end_of_stream:
             # No body phase will follow: forwarding it would let an accounted API through unpriced.
             return self.reject(400, "request body is empty; expected a JSON object")
-        reply.request_body_mode = "BUFFERED"
-        return reply
+        # The real credential and the route wait for the body reply: should the filter fail
+        # after this answer (where fail-open is configured, Envoy then goes on without it), the
+        # request has neither key nor route and meets the catch-all 503, never an unchecked body.
+        self._routing = routing
+        return Reply(
+            remove_headers=removed,
+            set_headers=path_change,
+            clear_route_cache=True,
+            request_body_mode="BUFFERED",
+        )
 
     def _admit_passthrough(
         self, entry: KeyEntry, method: str, path: str, reply: Reply, now: dt.datetime
@@ -310,6 +316,8 @@ class Exchange:
         reply, decision = self._apply_policies(binding, self._request)
         if reply.immediate_status is not None or decision is None:
             return reply
+        reply.set_headers[:0] = self._routing
+        reply.clear_route_cache = True
         if self._request.rewritten is not None:
             reply.body = self._request.rewritten
             reply.set_headers.append(("content-length", str(len(self._request.rewritten))))

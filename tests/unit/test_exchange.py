@@ -63,12 +63,29 @@ def world() -> World:
     return World()
 
 
+CHAT_BODY = b'{"model":"fake-openai-model","messages":[{"role":"user","content":"hi"}]}'
+
+
 def test_wrapped_key_is_replaced_by_the_provider_key(world: World) -> None:
-    reply = world.exchange().on_request_headers(
-        headers("/v1/chat/completions", authorization=f"Bearer {world.key}"), False
-    )
-    assert ("authorization", f"Bearer {PROVIDER_SECRET}") in reply.set_headers
-    assert "authorization" in reply.remove_headers
+    ex = world.exchange()
+    first = ex.on_request_headers(headers("/v1/chat/completions", authorization=f"Bearer {world.key}"), False)
+    second = ex.on_request_body(CHAT_BODY)
+    assert "authorization" in first.remove_headers  # type: ignore[union-attr]
+    assert ("authorization", f"Bearer {PROVIDER_SECRET}") in second.set_headers  # type: ignore[union-attr]
+
+
+def test_an_accounted_request_gets_its_credential_and_route_only_with_the_body_reply(world: World) -> None:
+    ex = world.exchange()
+    first = ex.on_request_headers(headers("/v1/chat/completions", authorization=f"Bearer {world.key}"), False)
+    assert all(PROVIDER_SECRET not in v and k != "x-spendgate-upstream" for k, v in first.set_headers)  # type: ignore[union-attr]
+    assert first.clear_route_cache  # type: ignore[union-attr]
+    second = ex.on_request_body(CHAT_BODY)
+    assert second.clear_route_cache and "x-spendgate-upstream" in dict(second.set_headers)  # type: ignore[union-attr]
+
+
+def test_a_passthrough_request_gets_its_credential_with_the_headers_reply(world: World) -> None:
+    reply = world.exchange().on_request_headers({**headers("/v1/models", x_api_key=world.key), ":method": "GET"}, True)
+    assert ("authorization", f"Bearer {PROVIDER_SECRET}") in reply.set_headers  # type: ignore[union-attr]
 
 
 def test_every_header_that_may_carry_a_credential_is_cleared(world: World) -> None:
@@ -84,18 +101,22 @@ def test_every_header_that_may_carry_a_credential_is_cleared(world: World) -> No
 
 
 def test_request_is_routed_to_the_credentials_cluster(world: World) -> None:
-    reply = world.exchange().on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
+    ex = world.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=world.key), False)
+    reply = ex.on_request_body(CHAT_BODY)
     cluster = upstream_for("http://127.0.0.1:9999").cluster
-    assert ("x-spendgate-upstream", cluster) in reply.set_headers and reply.clear_route_cache
+    assert ("x-spendgate-upstream", cluster) in reply.set_headers and reply.clear_route_cache  # type: ignore[union-attr]
 
 
 def test_gemini_query_key_is_removed_from_the_path() -> None:
     w = World("gemini")
     path = f"/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key={w.key}"
-    reply = w.exchange().on_request_headers(headers(path), False)
-    new_path = dict(reply.set_headers)[":path"]
+    ex = w.exchange()
+    reply = ex.on_request_headers(headers(path), False)
+    new_path = dict(reply.set_headers)[":path"]  # type: ignore[union-attr]
     assert w.key not in new_path and "alt=sse" in new_path
-    assert ("x-goog-api-key", PROVIDER_SECRET) in reply.set_headers
+    body = ex.on_request_body(b'{"contents":[{"parts":[{"text":"hi"}]}]}')
+    assert ("x-goog-api-key", PROVIDER_SECRET) in body.set_headers  # type: ignore[union-attr]
 
 
 def test_unknown_key_is_rejected_with_401_and_no_record(world: World) -> None:
