@@ -340,7 +340,8 @@ def _is_usage_only_chunk(data: str) -> bool:
         doc = load_response_json(data)
     except JSONRejected:
         return False
-    return isinstance(doc, dict) and not doc.get("choices")
+    # The chunk include_usage adds: a usage object and no choices, nothing the client asked for.
+    return isinstance(doc, dict) and isinstance(doc.get("usage"), dict) and not doc.get("choices")
 
 
 def _is_response_done(data: str) -> bool:

@@ -255,7 +255,12 @@ def openai_stream(draw: st.DrawFn) -> tuple[bytes, bytes]:
                     ENDS,
                 ),
                 st.builds(lambda e: b": keep-alive" + e, ENDS),
-                st.builds(lambda d, e: event(d, e), JSON, ENDS),
+                # Any other event, so long as it is not a usage chunk itself.
+                st.builds(
+                    lambda d, e: event(d, e),
+                    JSON.filter(lambda d: not isinstance(d, dict) or "usage" not in d),
+                    ENDS,
+                ),
             )
         )
         out, seen = out + piece, seen + piece
