@@ -12,6 +12,7 @@ import structlog
 
 from extproc.crypto import Keyring, MasterKeyError, Sealed
 from extproc.keytable import Credential, KeyEntry, KeyTable
+from extproc.supervise import describe_error
 from extproc.upstreams import follow_chain, upstream_for
 
 log = structlog.get_logger("spendgate.keystore")
@@ -47,6 +48,7 @@ class KeyStore:
         # keyring lacks a new master key still serves with the secret it already had.
         self._secrets: dict[uuid.UUID, tuple[bytes, str]] = {}
         self._warned: set[tuple[uuid.UUID, bytes]] = set()
+        self._skipped: set[tuple[uuid.UUID, str]] = set()
 
     async def refresh(self, conn: psycopg.AsyncConnection[Any] | None = None) -> None:
         """Load the live keys now, on `conn` or on a connection of its own."""
@@ -62,11 +64,19 @@ class KeyStore:
         for cid, provider, base_url, ct, nonce, mkid, fallback_id in await (
             await conn.execute(_LIVE_CREDENTIALS)
         ).fetchall():
-            secret = self._secret(cid, Sealed(bytes(ct), bytes(nonce), mkid))
-            if secret is not None:
+            try:
+                secret = self._secret(cid, Sealed(bytes(ct), bytes(nonce), mkid))
+                if secret is None:
+                    continue
                 creds[cid] = Credential(cid, provider, upstream_for(base_url), secret)
-                if fallback_id is not None:
-                    fallback[cid] = fallback_id
+            except Exception as exc:
+                # One unusable row (a base URL that does not parse, a ciphertext of the wrong
+                # shape) must not abort the whole refresh: that would freeze the key table, and
+                # revocations with it. Its keys are refused. The message names no secret.
+                self._skip(cid, exc)
+                continue
+            if fallback_id is not None:
+                fallback[cid] = fallback_id
 
         def same_protocol(primary: Credential) -> Callable[[uuid.UUID], bool]:
             return lambda c: c in creds and creds[c].provider == primary.provider
@@ -93,6 +103,12 @@ class KeyStore:
                 chain=tuple(creds[c] for c in follow_chain(cid, fallback, same_protocol(cred))),
             )
         self.table.replace(entries)
+
+    def _skip(self, cid: uuid.UUID, exc: Exception) -> None:
+        reason = describe_error(exc)
+        if (cid, reason) not in self._skipped:  # once per cause, not at every refresh
+            self._skipped.add((cid, reason))
+            log.error("credential.skipped", credential_id=str(cid), error=reason)
 
     def _secret(self, cid: uuid.UUID, sealed: Sealed) -> str | None:
         cached = self._secrets.get(cid)
@@ -129,5 +145,5 @@ class KeyStore:
                             pass
                         await self.refresh(conn)
             except (psycopg.Error, OSError) as exc:
-                log.warning("keys.refresh_failed", error=type(exc).__name__)
+                log.warning("keys.refresh_failed", error=describe_error(exc))
                 await asyncio.sleep(self._interval)

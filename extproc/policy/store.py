@@ -8,6 +8,7 @@ from pathlib import Path
 import structlog
 
 from extproc.policy.loader import PolicyError, PolicySet, load_policy_dir
+from extproc.supervise import describe_error
 
 log = structlog.get_logger("spendgate.policy")
 
@@ -20,7 +21,7 @@ class PolicyStore:
         self.current = current if current is not None else load_policy_dir(directory)
         self.reload_failures = 0  # exported as a metric
         self.last_error: list[str] = []
-        self._signature = self._stat()
+        self._signature: tuple[tuple[str, int, int], ...] | None = self._stat()
 
     def _stat(self) -> tuple[tuple[str, int, int], ...]:
         files = sorted([*self.directory.glob("*.yaml"), *self.directory.glob("*.yml")])
@@ -34,19 +35,30 @@ class PolicyStore:
         return tuple(out)
 
     def reload_if_changed(self) -> bool:
-        """Reload when any file changed; True when a new set went into force."""
-        signature = self._stat()
-        if signature == self._signature:
-            return False
-        self._signature = signature
+        """Reload when any file changed; True when a new set went into force.
+
+        A directory or file that cannot be read is refused like one that does not validate:
+        the last good set stays in force, the failure is counted and `last_error` says why.
+        """
         try:
+            signature = self._stat()
+            if signature == self._signature:
+                return False
+            self._signature = signature
             fresh = load_policy_dir(self.directory)
-        except PolicyError as exc:
-            self.reload_failures += 1
-            self.last_error = exc.problems
-            log.error(
-                "policy.reload_refused", problems=exc.problems, kept_version=self.current.prices.version
-            )
+        except (PolicyError, OSError) as exc:
+            problems = exc.problems if isinstance(exc, PolicyError) else [describe_error(exc)]
+            # An unreadable directory is looked at every second: count and log it once per cause.
+            if isinstance(exc, PolicyError) or problems != self.last_error:
+                self.reload_failures += 1
+                log.error(
+                    "policy.reload_refused", problems=problems, kept_version=self.current.prices.version
+                )
+            self.last_error = problems
+            if isinstance(exc, OSError):
+                # Looked at again next time even if no file changes: a fixed permission or a
+                # remounted volume changes no mtime, and the error may be passing anyway.
+                self._signature = None
             return False
         self.current = fresh
         self.last_error = []
