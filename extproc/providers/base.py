@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -12,7 +13,7 @@ from itertools import accumulate
 from typing import Any, Protocol
 
 from extproc import tokens
-from extproc.sse import SSEDecoder
+from extproc.sse import MAX_PENDING_BYTES, SSEDecoder
 from extproc.usage import Usage, as_int
 
 # API kinds, as stored in usage_events.api.
@@ -37,11 +38,10 @@ MAX_OUTPUT_TOKENS = 1_000_000
 MAX_CONTEXT_TOKENS = 2_097_152
 # Input a request pulls in upstream where no body shows it: a stored conversation
 # (previous_response_id, conversation), a cached context (Gemini cachedContent), results of
-# tools the provider runs itself (web search, URL fetch, file search). Its true bound is the
-# model's whole context window; reserving that on every agent turn would make such requests
-# unusable under any small budget, so this is a chosen figure (a common 128k window), not a
-# bound. The settlement corrects it either way, and plausibility (extproc.plausibility) allows
-# for the full window when the answer comes back.
+# tools the provider runs itself (web search, URL fetch, file search). Its only bound is the
+# model's context window, which the exchange reserves for such requests (see
+# plausibility.draws_on_upstream_context); this smaller figure is what extra_input_tokens
+# carries for them, so that no caller of the parsers takes one for a request with nothing unseen.
 UPSTREAM_CONTEXT_TOKENS = 131_072
 
 
@@ -238,15 +238,6 @@ def count_field(
     if not minimum <= number <= maximum:
         raise BadRequest(f"'{key}' must be between {minimum} and {maximum}, got {number}")
     return number
-
-
-def optional_int(doc: dict[str, Any], *keys: str) -> int | None:
-    """The first present output-ceiling field among `keys`, validated as count_field does."""
-    for key in keys:
-        value = count_field(doc, key)
-        if value is not None:
-            return value
-    return None
 
 
 def spelling(doc: dict[str, Any], *spellings: str) -> str | None:
@@ -580,12 +571,46 @@ def load_response_json(body: bytes | bytearray | str, max_bytes: int = MAX_JSON_
     return load_json(body, max_bytes=max_bytes, unique_keys=False, allow_constants=True)
 
 
-def usage_from_body(provider: Provider, api: str, body: bytes | bytearray) -> Reported:
-    """Usage from a buffered JSON answer, never raising: an unreadable body is an anomaly."""
+# How far from the end of an answer too large to decode its usage object is looked for.
+_TAIL_BYTES = 64 << 10
+# A usage object as the last field of an answer: "usage" or "usageMetadata", then an object
+# nesting at most two levels (the token details).
+_TAIL_USAGE = re.compile(rb'"(usage|usageMetadata)"\s*:\s*(\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\})')
+
+
+def usage_from_body(
+    provider: Provider, api: str, body: bytes | bytearray, max_bytes: int = MAX_JSON_BYTES
+) -> Reported:
+    """Usage from a buffered JSON answer, never raising: an unreadable body is an anomaly.
+
+    An answer over `max_bytes` (a large batch of embeddings) is not decoded whole: its usage
+    object, which every provider puts last, is looked for in its last 64 KiB.
+    """
+    if len(body) > max_bytes:
+        return _usage_from_tail(provider, api, bytes(body[-_TAIL_BYTES:]), max_bytes)
     try:
-        doc = load_response_json(body)
+        doc = load_response_json(body, max_bytes)
     except JSONRejected as exc:
         return Reported(anomalies=(f"response body {exc}",))
+    return _read(provider, api, doc)
+
+
+def _usage_from_tail(provider: Provider, api: str, tail: bytes, max_bytes: int) -> Reported:
+    # Only the last mention is tried: one linear match, however the tail was crafted.
+    found = _TAIL_USAGE.match(tail, tail.rfind(b'"usage')) if b'"usage' in tail else None
+    if found is None:
+        return Reported(anomalies=(f"response body is larger than {max_bytes} bytes and ends with no usage",))
+    key, raw = found.group(1).decode(), found.group(2)
+    try:
+        usage = load_response_json(raw)
+    except JSONRejected as exc:
+        return Reported(anomalies=(f"usage at the end of an oversized body {exc}",))
+    reported = _read(provider, api, {key: usage})
+    note = f"response body is larger than {max_bytes} bytes; usage read from its end"
+    return Reported(reported.usage, reported.model, (note, *reported.anomalies))
+
+
+def _read(provider: Provider, api: str, doc: Any) -> Reported:
     try:
         return provider.response_usage(api, doc)
     except Exception as exc:  # a reader bug must not cost the record; the anomaly says so
@@ -622,10 +647,12 @@ class SSEAccountant:
         is_end: Callable[[str], bool],
         drop: Callable[[str], bool] | None = None,
         whole: Callable[[Any], Reported] | None = None,
+        max_event_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self.ended = False
         self._is_end = is_end
-        self._decoder = SSEDecoder()
+        self._decoder = SSEDecoder(max_event_bytes)
+        self._max_event_bytes = max_event_bytes
         self._wants = wants
         self._reduce = reduce
         self._text_of = text_of
@@ -749,7 +776,7 @@ class SSEAccountant:
         anomalies = list(reported.anomalies)
         lossy = self._decoder.overflowed
         if lossy:
-            anomalies.append("stream not parseable past an event of more than 1 MiB")
+            anomalies.append(f"stream not parseable past an event of more than {self._max_event_bytes} bytes")
         text = ""
         if reported.usage is None or reported.usage.output_tokens == 0 or lossy:
             self._reduce_kept()

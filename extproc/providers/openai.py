@@ -84,6 +84,9 @@ AUDIO_REFERENCE_TOKENS = 18_000
 # The page limit is per request, so this is reserved once however many files there are.
 PDF_PAGES_PER_REQUEST = 100
 PDF_TEXT_TOKENS_PER_PAGE = 3_000
+# The Responses API ends a stream with one event repeating the whole response, usage last: a
+# 128k-token answer of escaped non-ASCII text passes the 1 MiB other streams' events are held to.
+RESPONSE_EVENT_BYTES = 8 << 20
 # Tools that run on the client: their results come back in a later request's body.
 _CLIENT_TOOLS = frozenset({"function", "custom"})
 
@@ -151,7 +154,12 @@ class OpenAI:
         whole = functools.partial(self.response_usage, api)
         if api == RESPONSES:
             return SSEAccountant(
-                _is_response_done, self._reduce_responses, _delta_text, _is_response_done, whole=whole
+                _is_response_done,
+                self._reduce_responses,
+                _delta_text,
+                _is_response_done,
+                whole=whole,
+                max_event_bytes=RESPONSE_EVENT_BYTES,
             )
         return SSEAccountant(
             _carries_usage,

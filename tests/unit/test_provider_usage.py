@@ -279,3 +279,34 @@ def test_stream_usage_anomalies_are_reported() -> None:
     result = acc.finish()
     assert result.usage == Usage(5, 0, 0, 0, 0) and result.anomalies == ("candidatesTokenCount negative",)
     assert result.model == "g"
+
+
+def test_an_oversized_answer_has_its_usage_read_from_its_end() -> None:
+    vectors = {"object": "list", "data": [{"embedding": [0.25] * 500}] * 40, "model": "e"}
+    body = json.dumps({**vectors, "usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode()
+    reported = usage_from_body(openai, "embeddings", body, max_bytes=len(body) // 2)
+    assert reported.usage == Usage(8, 0, 0, 0, 0) and "usage read from its end" in reported.anomalies[0]
+    chunks = [{"candidates": []}, {"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}]
+    body = b" " * 500 + json.dumps(chunks).encode()
+    assert usage_from_body(gemini, "streamGenerateContent", body, max_bytes=100).usage == Usage(3, 0, 0, 4, 0)
+    crafted = b'{"usage":{' * 100_000
+    reported = usage_from_body(openai, "chat.completions", crafted, max_bytes=100)
+    assert reported.usage is None and "no usage" in reported.anomalies[0]
+
+
+def test_the_responses_api_final_event_may_exceed_the_usual_event_bound() -> None:
+    text = "é" * 600_000  # escaped as \\u00e9: 3.6 MB of JSON in one event
+    done = {
+        "type": "response.completed",
+        "response": {
+            "model": "gpt-5",
+            "output": [{"content": [{"text": text}]}],
+            "usage": {"input_tokens": 5, "output_tokens": 9},
+        },
+    }
+    acc = openai.stream_accountant("responses", ParsedRequest("gpt-5", True))
+    stream = sse(done)
+    for i in range(0, len(stream), 65536):
+        acc.feed(stream[i : i + 65536])
+    result = acc.finish()
+    assert result.usage == Usage(5, 0, 0, 9, 0) and not result.lossy and acc.ended
