@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -145,7 +146,18 @@ def load_json(
     JSON, unless `allow_constants`: then they decode as floats, for callers that check every
     number they read (see `count_problem`). Never raises RecursionError or MemoryError.
     """
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        text, raw = data, data.encode("utf-8", "surrogatepass")
+    else:
+        raw = bytes(data)
+        if len(raw) > max_bytes:
+            raise JSONRejected(f"is larger than {max_bytes} bytes")
+        try:
+            # UTF-8 only: json.loads would also take UTF-16 and UTF-32, which the depth scan
+            # below cannot read.
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JSONRejected(f"is not UTF-8: {exc}"[:300]) from None
     if len(raw) > max_bytes:
         raise JSONRejected(f"is larger than {max_bytes} bytes")
     # Only a document with more opening brackets than the bound can nest past it.
@@ -153,15 +165,15 @@ def load_json(
         raise JSONRejected(f"nests deeper than {max_depth} levels")
     try:
         return json.loads(
-            data if isinstance(data, str) else raw,
+            text,
             object_pairs_hook=_unique_pairs if unique_keys else None,
             parse_constant=_float_constant if allow_constants else _refuse_constant,
         )
     except JSONRejected:
         raise
     except (ValueError, RecursionError, MemoryError) as exc:
-        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers past Python's
-        # digit limit; RecursionError can only come from invalid JSON the depth scan misread.
+        # ValueError covers JSONDecodeError and integers past Python's digit limit;
+        # RecursionError can only come from invalid JSON the depth scan misread.
         raise JSONRejected(f"is not valid JSON: {exc}"[:300]) from None
 
 
@@ -587,15 +599,18 @@ def usage_from_body(
     object, which every provider puts last, is looked for in its last 64 KiB.
     """
     if len(body) > max_bytes:
-        return _usage_from_tail(provider, api, bytes(body[-_TAIL_BYTES:]), max_bytes)
+        return usage_from_tail(
+            functools.partial(provider.response_usage, api), bytes(body[-_TAIL_BYTES:]), max_bytes
+        )
     try:
         doc = load_response_json(body, max_bytes)
     except JSONRejected as exc:
         return Reported(anomalies=(f"response body {exc}",))
-    return _read(provider, api, doc)
+    return _read(functools.partial(provider.response_usage, api), doc)
 
 
-def _usage_from_tail(provider: Provider, api: str, tail: bytes, max_bytes: int) -> Reported:
+def usage_from_tail(read: Callable[[Any], Reported], tail: bytes, max_bytes: int) -> Reported:
+    """Usage from the last bytes of an answer of more than `max_bytes`, too large to decode."""
     # Only the last mention is tried: one linear match, however the tail was crafted.
     found = _TAIL_USAGE.match(tail, tail.rfind(b'"usage')) if b'"usage' in tail else None
     if found is None:
@@ -605,14 +620,14 @@ def _usage_from_tail(provider: Provider, api: str, tail: bytes, max_bytes: int) 
         usage = load_response_json(raw)
     except JSONRejected as exc:
         return Reported(anomalies=(f"usage at the end of an oversized body {exc}",))
-    reported = _read(provider, api, {key: usage})
+    reported = _read(read, {key: usage})
     note = f"response body is larger than {max_bytes} bytes; usage read from its end"
     return Reported(reported.usage, reported.model, (note, *reported.anomalies))
 
 
-def _read(provider: Provider, api: str, doc: Any) -> Reported:
+def _read(read: Callable[[Any], Reported], doc: Any) -> Reported:
     try:
-        return provider.response_usage(api, doc)
+        return read(doc)
     except Exception as exc:  # a reader bug must not cost the record; the anomaly says so
         return Reported(anomalies=(f"usage unreadable: {type(exc).__name__}",))
 
@@ -661,6 +676,8 @@ class SSEAccountant:
         self._mode: str | None = None  # "sse" or "json", from the first non-blank byte
         self._json = bytearray()
         self._json_overflow = False
+        self._json_tail = b""  # the last bytes of a JSON body too large to keep whole
+        self._json_seen = 0
         self._first_usage: str | None = None
         self._last_usage: deque[str] = deque(maxlen=_LAST_USAGE_EVENTS)
         self._kept: list[str] = []
@@ -742,11 +759,15 @@ class SSEAccountant:
         self._kept_chars = 0
 
     def _keep_json(self, chunk: bytes) -> None:
-        if self._json_overflow or len(self._json) + len(chunk) > MAX_JSON_BODY_BYTES:
-            self._json_overflow = True
-            self._unkept_bytes += len(chunk)
+        self._json_seen += len(chunk)
+        if not self._json_overflow and len(self._json) + len(chunk) <= MAX_JSON_BODY_BYTES:
+            self._json += chunk
             return
-        self._json += chunk
+        if not self._json_overflow:
+            self._json_overflow = True
+            self._json_tail = bytes(self._json[-_TAIL_BYTES:])
+            self._json = bytearray()
+        self._json_tail = (self._json_tail + chunk)[-_TAIL_BYTES:]
 
     def finish(self) -> StreamResult:
         """See StreamAccountant.finish. Never raises, whatever the stream held."""
@@ -792,14 +813,10 @@ class SSEAccountant:
 
     def _finish_json(self) -> StreamResult:
         if self._json_overflow:
-            return StreamResult(
-                None,
-                None,
-                "",
-                ("JSON body on an event stream too large to read",),
-                tokens.approx(self._unkept_bytes + len(self._json)),
-                lossy=True,
-            )
+            read = self._whole if self._whole is not None else (lambda _: Reported())
+            tail = usage_from_tail(read, self._json_tail, MAX_JSON_BODY_BYTES)
+            extra = tokens.approx(self._json_seen) if tail.usage is None else 0
+            return StreamResult(tail.usage, tail.model, "", tail.anomalies, extra, tail.usage is None)
         try:
             doc = load_response_json(self._json)
         except JSONRejected as exc:

@@ -310,3 +310,15 @@ def test_the_responses_api_final_event_may_exceed_the_usual_event_bound() -> Non
         acc.feed(stream[i : i + 65536])
     result = acc.finish()
     assert result.usage == Usage(5, 0, 0, 9, 0) and not result.lossy and acc.ended
+
+
+def test_an_oversized_json_body_on_an_event_stream_has_its_usage_read_from_its_end() -> None:
+    filler = {"object": "list", "data": [{"embedding": [0.5] * 1000}] * 1700}  # ~ 8.5 MB
+    usage = {"prompt_tokens": 3, "completion_tokens": 0}
+    body = json.dumps({**filler, "model": "e", "usage": usage}).encode()
+    assert len(body) > base.MAX_JSON_BODY_BYTES
+    acc = openai.stream_accountant("chat.completions", chat_request(strip=True))
+    outs = [acc.feed(body[i : i + (1 << 20)]) for i in range(0, len(body), 1 << 20)]
+    assert all(o is None for o in outs)
+    result = acc.finish()
+    assert result.usage == Usage(3, 0, 0, 0, 0) and "usage read from its end" in result.anomalies[0]
