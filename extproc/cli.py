@@ -83,6 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             fail_open=args.fail_open or [],
+            ready_timeout=args.ready_timeout,
         )
     )
     stack.start()
@@ -118,6 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             limits=Limits(max_request_body_bytes=args.max_body_bytes),
             redis_url=os.environ.get("REDIS_URL") or None,
             metrics=_host_port(args.metrics_listen) if args.metrics_listen else None,
+            ready_timeout=args.ready_timeout,
+            ready_file=args.ready_file,
+            termination_log=args.termination_log,
         )
     )
     return 0
@@ -319,6 +323,13 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+_READY_HELP = "seconds an extproc process has to load keys and policies and reach Postgres, or it exits"
+
+
+def _ready_timeout() -> float:
+    return float(os.environ.get("SPENDGATE_READY_TIMEOUT", "30"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="spendgate", description="LLM cost proxy on Envoy ext_proc.")
@@ -355,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["openai", "anthropic", "gemini"],
         help="serve this provider with its break-glass key while extproc is unreachable (repeatable)",
     )
+    up.add_argument("--ready-timeout", type=float, default=_ready_timeout(), help=_READY_HELP)
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run one extproc gRPC process")
@@ -366,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     serve.add_argument("--metrics-listen", help="host:port of a Prometheus endpoint (default: none)")
+    serve.add_argument("--ready-timeout", type=float, default=_ready_timeout(), help=_READY_HELP)
+    serve.add_argument("--ready-file", type=Path, help="a file holding the pid while the process is SERVING")
+    serve.add_argument(
+        "--termination-log", type=Path, help="where to write why start-up failed (e.g. /dev/termination-log)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)

@@ -1,4 +1,9 @@
-"""`spendgate up`: the whole local stack in the foreground, and nothing left behind after it."""
+"""`spendgate up`: the whole local stack in the foreground, and nothing left behind after it.
+
+`up` supervises its children: a worker or Envoy that dies is started again (same command, so
+the same socket and the same spool file) after a growing delay, while Envoy's health checks send
+the traffic to the other workers. Only a child that keeps dying brings the stack down.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import yaml
 from extproc import db, envoy_config, failopen
 from extproc.crypto import load_keyring
 from extproc.embedded_pg import EmbeddedPostgres
+from extproc.supervise import RestartPolicy
 from extproc.upstreams import Upstream, follow_chain, upstream_for
 
 log = structlog.get_logger("spendgate.stack")
@@ -45,12 +51,63 @@ class StackOptions:
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
     fail_open: list[str] = field(default_factory=list)  # providers Envoy serves itself while extproc is down
+    ready_timeout: float = 30.0  # each worker is ready within this, or says why not and exits
+
+
+# Loaded here, not in the forked child: between fork and exec only the forking thread exists, and
+# loading a library there could wait forever on a lock another thread held at the fork.
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+_TICK = 0.25  # seconds between looks at the children
+# Beyond its own ready bound, how long `up` waits for a worker to say why it failed before giving
+# up on it (the worker exits at its bound, or at most 10 s later when wedged).
+_READY_MARGIN = 15.0
 
 
 def _die_with_parent() -> None:
-    # Children get SIGTERM if `spendgate up` itself is killed, so nothing is orphaned.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # Children get SIGTERM if `spendgate up` itself is killed, so nothing is orphaned. The signal
+    # follows the thread that forked, so children are only ever spawned from the main thread.
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def exit_text(code: int) -> str:
+    """A process's exit status in words: `exited with status 2`, `was killed by SIGKILL`."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+@dataclass
+class _Child:
+    """A process `up` keeps running: how it is started, and how it has fared."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    # Workers only: the file holding their pid while they report SERVING, and the one that
+    # says why they stopped (both are deleted before every start, so neither can be stale).
+    ready_file: Path | None = None
+    termination_log: Path | None = None
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    awaiting_ready: bool = False
+
+    def exit_reason(self) -> str:
+        """How the last run ended, with the cause the process wrote down if it did."""
+        assert self.proc is not None and self.proc.returncode is not None
+        text = exit_text(self.proc.returncode)
+        if self.termination_log is not None:
+            try:
+                cause = self.termination_log.read_text(errors="replace").strip()
+            except OSError:
+                cause = ""
+            if cause:
+                text += f": {cause}"
+        return text
 
 
 def envoy_binary() -> str:
@@ -67,7 +124,7 @@ class Stack:
         self.opts = opts
         self.run_dir = opts.home / "run"
         self._pg: EmbeddedPostgres | None = None
-        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._children: list[_Child] = []
         self._stop = threading.Event()
         self._upstreams: tuple[list[Upstream], list[list[str]]] = ([], [])
         self.dsn = ""
@@ -102,7 +159,7 @@ class Stack:
         fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.dsn + "\n")
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
             applied = db.migrate(conn)
         if applied:
             log.info("migrations.applied", names=applied)
@@ -115,6 +172,7 @@ class Stack:
             "SPENDGATE_HOME": str(self.opts.home),
         }
         endpoints = []
+        workers = []
         for i in range(self.opts.workers):
             sock = self.run_dir / f"extproc-{i}.sock"
             sock.unlink(missing_ok=True)
@@ -129,13 +187,28 @@ class Stack:
                 str(self.opts.policies),
                 "--spool",
                 str(self.opts.home / f"spool-{i}.jsonl"),
+                "--ready-timeout",
+                f"{self.opts.ready_timeout:g}",
+                "--ready-file",
+                str(self.run_dir / f"extproc-{i}.ready"),
+                "--termination-log",
+                str(self.run_dir / f"extproc-{i}.exit"),
             ]
             if self.opts.metrics_port:
                 cmd += ["--metrics-listen", f"127.0.0.1:{self.opts.metrics_port + i}"]
-            self._spawn(f"extproc-{i}", cmd, env)
+            workers.append(
+                self._spawn(
+                    f"extproc-{i}",
+                    cmd,
+                    env,
+                    ready_file=self.run_dir / f"extproc-{i}.ready",
+                    termination_log=self.run_dir / f"extproc-{i}.exit",
+                )
+            )
             endpoints.append((sock, envoy_config.Endpoint(f"unix:{sock}")))
-        for sock, _ in endpoints:
-            self._wait_for(sock.exists, f"extproc socket {sock}")
+        # Ready means keys, prices and policies loaded and Postgres answering, not a socket file:
+        # Envoy starts only then, so its first requests do not meet a worker still loading.
+        self._wait_until_ready(workers, self.opts.ready_timeout + _READY_MARGIN)
 
         cds = self.run_dir / "cds.yaml"
         self._upstreams = self._wanted_upstreams()
@@ -166,6 +239,8 @@ class Stack:
                 str(self.opts.envoy_concurrency),
                 "--log-level",
                 self.opts.log_level,
+                # A restarted Envoy reuses this id: a dead Envoy's shared memory does not stand
+                # in the way of a new one at restart epoch 0 (tests/e2e/test_supervision.py).
                 "--base-id",
                 str(self.opts.admin_port),
                 "--file-flush-interval-msec",  # the fail-open log reaches its importer within a second
@@ -177,16 +252,61 @@ class Stack:
         if self.opts.fail_open:
             failopen.start_stack_import(self.opts.home, self.dsn, self.opts.policies, self._stop)
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, start_new_session=True)
-        self._procs.append((name, proc))
+    def _spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        *,
+        ready_file: Path | None = None,
+        termination_log: Path | None = None,
+    ) -> _Child:
+        child = _Child(name, cmd, env, ready_file=ready_file, termination_log=termination_log)
+        self._children.append(child)
+        self._run(child)
+        return child
+
+    def _run(self, child: _Child) -> None:
+        for stale in (child.ready_file, child.termination_log):
+            if stale is not None:
+                stale.unlink(missing_ok=True)
+        child.proc = subprocess.Popen(
+            child.cmd, env=child.env, preexec_fn=_die_with_parent, start_new_session=True
+        )
+        child.started = time.monotonic()
+
+    def _is_ready(self, child: _Child) -> bool:
+        if child.proc is None or child.proc.poll() is not None:
+            return False
+        if child.ready_file is None:
+            return self._envoy_ready()
+        try:
+            return child.ready_file.read_text().strip() == str(child.proc.pid)
+        except OSError:
+            return False
+
+    def _check_alive(self) -> None:
+        for c in self._children:
+            if c.proc is not None and c.proc.poll() is not None:
+                raise RuntimeError(f"{c.name} failed to start: it {c.exit_reason()}")
+
+    def _wait_until_ready(self, children: list[_Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(children)
+        while True:
+            self._check_alive()
+            pending = [c for c in pending if not self._is_ready(c)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise RuntimeError(f"{names} not ready after {timeout:g} s and still running; see its log")
+            time.sleep(0.05)
 
     def _wait_for(self, check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for name, proc in self._procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with status {proc.returncode} during start-up")
+            self._check_alive()
             if check():
                 return
             time.sleep(0.05)
@@ -239,27 +359,66 @@ class Stack:
             )
 
     def serve_forever(self) -> int:
-        """Block until a signal or a dead child; return the exit status."""
+        """Block until a signal, restarting children that die; return the exit status.
+
+        The status is 1 when a child kept dying (more restarts than its RestartPolicy allows)
+        and the stack was stopped because of it, else 0.
+        """
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         status = 0
-        while not self._stop.wait(1.0):
-            dead = [(n, p) for n, p in self._procs if p.poll() is not None]
-            if dead:
-                for name, proc in dead:
-                    print(
-                        f"spendgate: {name} exited with status {proc.returncode}; stopping", file=sys.stderr
-                    )
+        next_reconcile = time.monotonic() + 1.0
+        while not self._stop.wait(_TICK):
+            fatal = self.supervise()
+            if fatal is not None:
+                log.error("stack.giving_up", reason=fatal)
+                print(f"spendgate: {fatal}; stopping everything", file=sys.stderr, flush=True)
                 status = 1
                 break
-            self.reconcile()
+            if time.monotonic() >= next_reconcile:
+                self.reconcile()
+                next_reconcile = time.monotonic() + 1.0
         self.stop()
         return status
+
+    def supervise(self) -> str | None:
+        """One look at every child: schedule the restart of a dead one, start one whose delay is
+        over, announce one that is ready again. Returns why to give up when a child keeps dying."""
+        now = time.monotonic()
+        for c in self._children:
+            assert c.proc is not None
+            pid = c.proc.pid
+            if c.restart_at is None and c.proc.poll() is not None:
+                reason = c.exit_reason()
+                delay = c.restarts.on_exit(c.started, now)
+                if delay is None:
+                    p = c.restarts
+                    return (
+                        f"{c.name} keeps dying ({p.max_restarts} restarts within {p.window:g} s);"
+                        f" its last run (pid {pid}) {reason}"
+                    )
+                c.restart_at, c.awaiting_ready = now + delay, False
+                log.warning("child.exited", child=c.name, pid=pid, status=reason, restart_in=delay)
+                print(
+                    f"spendgate: {c.name} (pid {pid}) {reason}; restarting in {delay:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif c.restart_at is not None and now >= c.restart_at:
+                c.restart_at = None
+                self._run(c)
+                c.awaiting_ready = True
+                log.warning("child.restarted", child=c.name, pid=c.proc.pid, restarts=c.restarts.restarts)
+            elif c.awaiting_ready and self._is_ready(c):
+                c.awaiting_ready = False
+                log.info("child.ready", child=c.name, pid=pid)
+                print(f"spendgate: {c.name} restarted (pid {pid}) and ready", file=sys.stderr, flush=True)
+        return None
 
     def stop(self) -> None:
         """Envoy first (no new traffic), then extproc (flushes usage), then Postgres."""
         for group in (("envoy",), ("extproc",)):
-            procs = [p for n, p in self._procs if n.startswith(group)]
+            procs = [c.proc for c in self._children if c.name.startswith(group) and c.proc is not None]
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
@@ -269,7 +428,7 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        self._procs.clear()
+        self._children.clear()
         (self.opts.home / "database_url").unlink(missing_ok=True)
         if self._pg is not None:
             self._pg.stop()
