@@ -127,6 +127,7 @@ class Stack:
         self._children: list[_Child] = []
         self._stop = threading.Event()
         self._upstreams: tuple[list[Upstream], list[list[str]]] = ([], [])
+        self._bad_credentials: set[object] = set()
         self.dsn = ""
 
     @property
@@ -326,7 +327,16 @@ class Stack:
             rows = conn.execute(
                 "SELECT id, provider, base_url, fallback_id FROM provider_credentials WHERE revoked_at IS NULL"
             ).fetchall()
-        creds = {cid: (provider, upstream_for(url)) for cid, provider, url, _ in rows}
+        creds = {}
+        for cid, provider, url, _ in rows:
+            try:
+                creds[cid] = (provider, upstream_for(url))
+            except ValueError as exc:
+                # The workers refuse this credential's keys; here it must not stop the clusters
+                # of every other credential from being kept up to date (this runs every second).
+                if cid not in self._bad_credentials:
+                    self._bad_credentials.add(cid)
+                    log.error("credential.skipped", credential_id=str(cid), error=str(exc))
         fallback = {cid: fid for cid, _, _, fid in rows if fid is not None}
         for _, up in creds.values():
             wanted.setdefault(up.cluster, up)
@@ -368,17 +378,21 @@ class Stack:
             signal.signal(sig, lambda *_: self._stop.set())
         status = 0
         next_reconcile = time.monotonic() + 1.0
-        while not self._stop.wait(_TICK):
-            fatal = self.supervise()
-            if fatal is not None:
-                log.error("stack.giving_up", reason=fatal)
-                print(f"spendgate: {fatal}; stopping everything", file=sys.stderr, flush=True)
-                status = 1
-                break
-            if time.monotonic() >= next_reconcile:
-                self.reconcile()
-                next_reconcile = time.monotonic() + 1.0
-        self.stop()
+        try:
+            while not self._stop.wait(_TICK):
+                fatal = self.supervise()
+                if fatal is not None:
+                    log.error("stack.giving_up", reason=fatal)
+                    print(f"spendgate: {fatal}; stopping everything", file=sys.stderr, flush=True)
+                    status = 1
+                    break
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + 1.0
+        finally:
+            # Also when a restart itself fails (no memory to fork, a binary gone): the children
+            # and the embedded Postgres are stopped in order, not left to PR_SET_PDEATHSIG.
+            self.stop()
         return status
 
     def supervise(self) -> str | None:

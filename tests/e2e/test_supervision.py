@@ -23,7 +23,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.helpers import openai_client
+from tests.e2e.helpers import openai_client, wait_for
 from tests.fakeprovider import FakeProvider
 from tests.support import REPO, Issued, Stack, free_port, issue_key, start_stack, usage_record
 
@@ -220,6 +220,41 @@ def test_up_restarts_envoy_when_it_dies_and_the_proxy_answers_again(two: Stack, 
     new = envoy(two)
     assert new is not None and new.pid != old.pid and two.proc.poll() is None
     assert f"envoy (pid {old.pid}) was killed by SIGKILL; restarting in" in two.logs()
+
+
+def test_a_credential_row_that_cannot_be_used_does_not_stop_revocations(two: Stack, key: Issued) -> None:
+    import uuid
+
+    from extproc.crypto import load_keyring
+    from extproc.keystore import credential_aad
+
+    cid = uuid.uuid4()
+    # Properly sealed, so that only its base URL is wrong: written by hand, as a migration or an
+    # older version might have done; the CLI would refuse it.
+    sealed = load_keyring(two.home).seal("sk-test-" + uuid.uuid4().hex, credential_aad(cid))
+    with two.connect() as conn:
+        conn.execute(
+            "INSERT INTO provider_credentials (id, provider, name, base_url, ciphertext, nonce, master_key_id)"
+            " VALUES (%s, 'openai', %s, 'ftp://not-a-provider', %s, %s, %s)",
+            (cid, f"broken-{cid.hex[:6]}", sealed.ciphertext, sealed.nonce, sealed.master_key_id),
+        )
+        conn.execute("NOTIFY spendgate_keys")
+    try:
+        client = openai_client(two, key.key)
+        wait_until(lambda: '"event": "credential.skipped"' in two.logs(), 10, "the row to be skipped")
+        two.cli("keys", "revoke", str(key.key_id))
+        wait_for(
+            lambda: client.chat.completions.create(model="fake-openai-model", messages=MESSAGES),
+            openai.AuthenticationError,
+            raised=True,
+            seconds=10,
+            what="the revoked key to be refused",
+        )
+        assert two.proc.poll() is None
+        assert 'spendgate_background_task_failures_total{task="key_refresh"} 0' in two.metrics()
+    finally:
+        with two.connect() as conn:
+            conn.execute("UPDATE provider_credentials SET revoked_at = now() WHERE id = %s", (cid,))
 
 
 def test_up_stops_with_a_message_naming_a_worker_that_keeps_dying(database: str, workdir: Path) -> None:
