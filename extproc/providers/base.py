@@ -130,6 +130,17 @@ def _float_constant(name: str) -> float:
     return float(name)
 
 
+# One decoder per policy, made once: json.loads builds a new one per call when given hooks.
+_DECODERS = {
+    (unique, constants): json.JSONDecoder(
+        object_pairs_hook=_unique_pairs if unique else None,
+        parse_constant=_float_constant if constants else _refuse_constant,
+    )
+    for unique in (False, True)
+    for constants in (False, True)
+}
+
+
 def load_json(
     data: bytes | bytearray | str,
     *,
@@ -164,11 +175,7 @@ def load_json(
     if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
         raise JSONRejected(f"nests deeper than {max_depth} levels")
     try:
-        return json.loads(
-            text,
-            object_pairs_hook=_unique_pairs if unique_keys else None,
-            parse_constant=_float_constant if allow_constants else _refuse_constant,
-        )
+        return _DECODERS[unique_keys, allow_constants].decode(text)
     except JSONRejected:
         raise
     except (ValueError, RecursionError, MemoryError) as exc:
