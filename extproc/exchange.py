@@ -38,6 +38,7 @@ from extproc.providers.base import (
     Provider,
     StreamAccountant,
     count_prompt,
+    usage_from_body,
 )
 from extproc.usage import Usage, UsageRecord
 from extproc.verdict import Granted, OverBudget, Throttled, Unavailable, Verdict
@@ -478,7 +479,7 @@ class Exchange:
                 # For a stream, the first token is the first body chunk, not the headers.
                 self._first_chunk_seen = True
                 self._ttft_ms = self._elapsed_ms()
-            replacement = self._stream.feed(data)
+            replacement = self._stream.feed(data, end_of_stream)
             if replacement is not None and self._inflate is not None:
                 # The client was told the body is compressed; a rewritten body is not.
                 replacement = None
@@ -671,23 +672,37 @@ class Exchange:
         reported: Usage | None = None
         model: str | None = None
         text = ""
+        unseen_output = 0  # output seen but not kept as text, as a token estimate
+        lossy = False
+        anomalies: tuple[str, ...] = ()
         if self._stream is not None:
             result = self._stream.finish()
             reported, model, text = result.usage, result.model, result.text
+            unseen_output, lossy = result.extra_output_tokens, result.lossy
+            anomalies = result.anomalies
         elif self._json_body:
-            body = b"".join(self._json_body)
-            try:
-                reported, model = self._provider.usage_from_response(self._api, json.loads(body))
-            except (ValueError, RecursionError):
-                reported = None
+            answer = usage_from_body(self._provider, self._api, b"".join(self._json_body))
+            reported, model, anomalies = answer.usage, answer.model, answer.anomalies
+        self._note_anomalies(anomalies)
         # A stream can end cleanly yet without its final usage event (an error event mid-way):
-        # text that was delivered but not counted means the report is not the whole story.
-        if outcome == "complete" and reported is not None and not (reported.output_tokens == 0 and text):
+        # text that was delivered but not counted means the report is not the whole story. A
+        # figure the reader had to replace (negative, non-finite) is counted again too.
+        trusted = not lossy and not anomalies and not (self._flags & _ESTIMATING_FLAGS)
+        if (
+            outcome == "complete"
+            and trusted
+            and reported is not None
+            and not (reported.output_tokens == 0 and text)
+        ):
             return reported, model, False
         # Cut short, or the provider never said: count what we can, keep what it did report.
         base = reported or Usage()
         input_tokens = base.input_tokens or self._counted_input(req)
-        output_tokens = base.output_tokens or tokens.count(text)
+        counted_output = tokens.count(text) + unseen_output
+        # Past a part it could not parse, a reported figure may be an early partial one.
+        output_tokens = (
+            max(base.output_tokens, counted_output) if lossy else base.output_tokens or counted_output
+        )
         estimated = Usage(
             input_tokens=input_tokens,
             cached_input_tokens=base.cached_input_tokens,
@@ -697,6 +712,12 @@ class Exchange:
             reasoning_tokens=base.reasoning_tokens,
         )
         return estimated, model, True
+
+    def _note_anomalies(self, anomalies: tuple[str, ...]) -> None:
+        """What was wrong with the upstream's figures: flagged on the record, and logged."""
+        if anomalies:
+            self._flags.add("implausible_usage")
+            log.warning("usage.anomalies", request_id=self.request_id, anomalies=list(anomalies)[:8])
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self._t0) * 1000)

@@ -26,7 +26,6 @@ _STORED_CONTEXT = frozenset(
     {
         "previous_response_id",
         "conversation",
-        "prompt",
         "cachedContent",
         "cached_content",
         "mcp_servers",
@@ -34,6 +33,9 @@ _STORED_CONTEXT = frozenset(
     }
 )
 _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+# Anthropic's client-run tools carry a dated type: the caller executes them and sends the
+# results back in a later body, like any function.
+_CLIENT_TOOL_PREFIXES = ("bash_", "text_editor_", "computer_", "memory_")
 _GEMINI_FUNCTION_TOOL = frozenset({"functionDeclarations", "function_declarations"})
 
 
@@ -84,7 +86,8 @@ def draws_on_upstream_context(doc: Any) -> bool:
     """Whether a request's billed input may include context its body only names."""
     if not isinstance(doc, dict):
         return False
-    if any(k in doc for k in _STORED_CONTEXT):
+    # The Responses API's stored prompt is an object; completions' `prompt` is the text itself.
+    if any(k in doc for k in _STORED_CONTEXT) or isinstance(doc.get("prompt"), dict):
         return True
     tools = doc.get("tools")
     return isinstance(tools, list) and not all(_runs_on_client(t) for t in tools)
@@ -97,6 +100,8 @@ def _runs_on_client(tool: Any) -> bool:
         return True
     kind = tool.get("type")
     if kind is not None:
-        return kind in _CLIENT_TOOL_TYPES
+        return kind in _CLIENT_TOOL_TYPES or (
+            isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES)
+        )
     # OpenAI and Anthropic function tools without a type; Gemini's functionDeclarations.
     return {"name", "input_schema"} <= tool.keys() or tool.keys() <= _GEMINI_FUNCTION_TOOL

@@ -238,6 +238,8 @@ def _usage(raw: dict[str, Any], reader: UsageReader) -> Usage:
         Usage(
             input_tokens=inp,
             cached_input_tokens=reader.get(in_details, "cached_tokens"),
+            # GPT-5.6 and later report prompt-cache writes, a part of the input billed at its own rate.
+            cache_write_tokens=reader.get(in_details, "cache_write_tokens"),
             output_tokens=out,
             reasoning_tokens=reader.get(out_details, "reasoning_tokens"),
         )
