@@ -486,8 +486,12 @@ class Exchange:
         else:
             self._json_body.append(data)
         if end_of_stream:
-            self.finalize("complete")
+            self.finalize(self._stream_outcome())
         return Reply(body=replacement) if replacement is not None else None
+
+    def _stream_outcome(self) -> str:
+        """A response that ended: an error event inside a 200 stream is still an upstream error."""
+        return "upstream_error" if self._stream is not None and self._stream.failed else "complete"
 
     def _inflated_bytes(self, chunk: bytes) -> bytes:
         """A compressed chunk's content, up to MAX_INFLATED_BYTES for the whole response."""
@@ -519,7 +523,7 @@ class Exchange:
         if self.finished:
             return
         if self._stream is not None and self._stream.ended:
-            self.finalize("complete")
+            self.finalize(self._stream_outcome())
             return
         if self._held_back and self._status < 300:
             # A buffered answer that never ended never reached the client: Envoy answered it

@@ -526,6 +526,7 @@ class StreamAccountant(Protocol):
     """Consumes a response stream chunk by chunk."""
 
     ended: bool  # the provider's own end-of-stream event has been seen
+    failed: bool  # the provider sent an error event in the stream
 
     def feed(self, chunk: bytes, end_of_stream: bool = False) -> bytes | None:
         """Take one body chunk; return replacement bytes for the client, or None to pass it as is.
@@ -652,6 +653,22 @@ MAX_JSON_BODY_BYTES = 8 << 20
 _LAST_USAGE_EVENTS = 4
 
 
+# How far into an event's data the marker of an error event must appear to be looked at.
+_ERROR_REACH = 48
+
+
+def is_error_event(data: str) -> bool:
+    """Whether a stream event is the provider's error: OpenAI and Gemini `{"error": {...}}`,
+    Anthropic and the Responses API `{"type": "error", ...}`, or `response.failed`."""
+    try:
+        doc = load_response_json(data.encode("utf-8", "replace"))
+    except JSONRejected:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    return isinstance(doc.get("error"), dict) or doc.get("type") in ("error", "response.failed")
+
+
 class SSEAccountant:
     """Shared skeleton of the per-provider stream parsers.
 
@@ -672,6 +689,7 @@ class SSEAccountant:
         max_event_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self.ended = False
+        self.failed = False
         self._is_end = is_end
         self._decoder = SSEDecoder(max_event_bytes)
         self._max_event_bytes = max_event_bytes
@@ -732,6 +750,8 @@ class SSEAccountant:
 
     def _take(self, data: str) -> bool:
         """Note one event; True when it is to be hidden from the client."""
+        if '"error"' in data[:_ERROR_REACH] or '"response.failed"' in data[:_ERROR_REACH]:
+            self.failed = self.failed or is_error_event(data)
         if self._is_end(data):
             # A client may hang up once it has this event, before Envoy sends the
             # empty end-of-stream chunk; the answer was still delivered whole.

@@ -303,7 +303,7 @@ KINDS = (
     # Envoy buffers a JSON answer for the filter, so a body cut short becomes Envoy's own 502.
     Kind("cut_json", 4, _cut_json, _labels("http-502"), _labels("incomplete")),
     # A provider error inside a 200 stream: one record, whatever outcome it is given.
-    Kind("stream_error", 6, _stream_error, _labels("ok"), None),
+    Kind("stream_error", 6, _stream_error, _labels("ok"), _labels("upstream_error")),
     Kind("hangup", 12, _hangup, _labels("hangup"), _labels("incomplete", "client_disconnect")),
     Kind("malformed", 8, _malformed, _labels("http-400"), _labels("rejected")),
     Kind("unknown_key", 4, _unknown_key, _labels("http-401"), None, billed=False),

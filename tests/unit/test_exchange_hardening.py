@@ -234,3 +234,37 @@ def test_a_buffered_answer_cut_short_is_recorded_with_the_502_the_client_got() -
     ex.abandon()
     (rec,) = w.records
     assert (rec.status, rec.outcome, rec.estimated) == (502, "incomplete", True)
+
+
+@pytest.mark.parametrize(
+    "error_event",
+    [
+        b'data: {"error":{"message":"boom","type":"server_error"}}\n\n',
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
+        b'data: {"type": "response.failed", "response": {"status": "failed"}}\n\n',
+    ],
+    ids=["openai-chat", "anthropic", "responses"],
+)
+def test_an_error_event_inside_a_200_stream_is_recorded_as_an_upstream_error(error_event: bytes) -> None:
+    w = World()
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[{"role":"user","content":"hi"}]}')
+    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    ex.on_response_body(b'data: {"choices":[{"delta":{"content":"Hello there"}}]}\n\n', False)
+    ex.on_response_body(error_event, True)
+    (rec,) = w.records
+    assert (rec.status, rec.outcome, rec.estimated) == (200, "upstream_error", True)
+    assert rec.usage.output_tokens > 0
+
+
+def test_a_delta_that_mentions_error_is_not_an_error_event() -> None:
+    w = World()
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
+    ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[{"role":"user","content":"hi"}]}')
+    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    ex.on_response_body(b'data: {"choices":[{"delta":{"content":"{\\"error\\": 1}"}}]}\n\n', False)
+    ex.on_response_body(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\ndata: [DONE]\n\n', True)
+    (rec,) = w.records
+    assert (rec.outcome, rec.estimated) == ("complete", False)
