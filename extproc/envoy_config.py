@@ -113,6 +113,10 @@ def ext_proc_cluster(endpoints: list[Endpoint]) -> dict[str, Any]:
         "type": "STATIC" if all(_is_ip(_host(ep)) for ep in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
+        # Envoy's default panic mode sends traffic to unhealthy hosts once fewer than half are
+        # healthy: a worker that is not ready (keys or policies not loaded, a background task
+        # dead) would then still be asked. With no healthy worker the request fails closed.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "typed_extension_protocol_options": {
             _HTTP_OPTIONS: {
                 "@type": _T.replace("envoy.", "") + _HTTP_OPTIONS,
@@ -123,8 +127,8 @@ def ext_proc_cluster(endpoints: list[Endpoint]) -> dict[str, Any]:
         "health_checks": [
             {
                 "timeout": "1s",
-                "interval": "2s",
-                "no_traffic_interval": "2s",
+                "interval": "1s",
+                "no_traffic_interval": "1s",
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},
