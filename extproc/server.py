@@ -206,6 +206,8 @@ async def serve(opts: ServeOptions) -> None:
 
         def emit(record: UsageRecord) -> None:
             metrics.inc("spendgate_requests_total", outcome=record.outcome, status=str(record.status))
+            for flag in record.flags:  # a fixed vocabulary set by Spendgate, never caller text
+                metrics.inc("spendgate_flagged_records_total", flag=flag)
             writer.enqueue(record)
 
         def new_exchange() -> Exchange:
@@ -311,6 +313,8 @@ def _gauges(
         ("spendgate_policy_last_reload_ok", "gauge", {}, 0 if policies.last_error else 1),
         ("spendgate_usage_records_written_total", "counter", {}, writer.written),
         ("spendgate_usage_records_pending", "gauge", {}, writer.pending),
+        ("spendgate_usage_dead_letters_total", "counter", {}, writer.dead_letters),
+        ("spendgate_usage_writer_failures_total", "counter", {}, writer.failures),
         ("spendgate_budget_reservations_total", "counter", {}, budgets.reservations),
         ("spendgate_budget_refusals_total", "counter", {}, budgets.refusals),
         ("spendgate_budget_threshold_crossings_total", "counter", {}, budgets.threshold_crossings),
