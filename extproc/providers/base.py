@@ -506,6 +506,29 @@ class Reported:
     anomalies: tuple[str, ...] = ()
 
 
+def last_usage(
+    docs: list[Any], model_key: str, usage_key: str, read: Callable[[dict[str, Any], UsageReader], Usage]
+) -> Reported:
+    """The last usage object among a stream's events, and the last model named.
+
+    OpenAI puts usage in its final chunk only and Gemini repeats it cumulatively, so for both
+    the last one seen is the figure to bill; its anomalies come with it.
+    """
+    usage: Usage | None = None
+    model: str | None = None
+    anomalies: tuple[str, ...] = ()
+    for d in docs:
+        if not isinstance(d, dict):
+            continue
+        if isinstance(d.get(model_key), str) and d[model_key]:
+            model = d[model_key]
+        reader = UsageReader()
+        raw = reader.obj(d, usage_key)
+        if raw:
+            usage, anomalies = read(raw, reader), tuple(reader.anomalies)
+    return Reported(usage, model, anomalies)
+
+
 @dataclass
 class StreamResult:
     """What a finished (or abandoned) response stream yielded."""

@@ -22,6 +22,7 @@ from extproc.providers.base import (
     count_field,
     either,
     json_text,
+    last_usage,
     load_json_object,
     spelling,
     visible_text,
@@ -200,31 +201,21 @@ class Gemini:
 
 def _reduce(docs: list[Any]) -> Reported:
     # usageMetadata is cumulative: the last one seen is the figure to bill.
-    usage: Usage | None = None
-    model: str | None = None
-    anomalies: tuple[str, ...] = ()
-    for d in docs:
-        if not isinstance(d, dict):
-            continue
-        if isinstance(d.get("modelVersion"), str) and d["modelVersion"]:
-            model = d["modelVersion"]
-        meta = d.get("usageMetadata")
-        if isinstance(meta, dict):
-            reader = UsageReader()
-            thoughts = reader.get(meta, "thoughtsTokenCount")
-            usage = reader.usage(
-                Usage(
-                    # Input that tools Google runs (search, URL context) put before the model is
-                    # reported apart from the prompt and billed as input too.
-                    input_tokens=reader.get(meta, "promptTokenCount")
-                    + reader.get(meta, "toolUsePromptTokenCount"),
-                    cached_input_tokens=reader.get(meta, "cachedContentTokenCount"),
-                    output_tokens=reader.get(meta, "candidatesTokenCount") + thoughts,
-                    reasoning_tokens=thoughts,
-                )
-            )
-            anomalies = tuple(reader.anomalies)
-    return Reported(usage, model, anomalies)
+    return last_usage(docs, "modelVersion", "usageMetadata", _usage)
+
+
+def _usage(meta: dict[str, Any], reader: UsageReader) -> Usage:
+    thoughts = reader.get(meta, "thoughtsTokenCount")
+    return reader.usage(
+        Usage(
+            # Input that tools Google runs (search, URL context) put before the model is
+            # reported apart from the prompt and billed as input too.
+            input_tokens=reader.get(meta, "promptTokenCount") + reader.get(meta, "toolUsePromptTokenCount"),
+            cached_input_tokens=reader.get(meta, "cachedContentTokenCount"),
+            output_tokens=reader.get(meta, "candidatesTokenCount") + thoughts,
+            reasoning_tokens=thoughts,
+        )
+    )
 
 
 def _unseen_input(doc: dict[str, Any]) -> int:

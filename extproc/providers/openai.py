@@ -22,6 +22,7 @@ from extproc.providers.base import (
     collect_text,
     count_field,
     json_text,
+    last_usage,
     load_json_object,
     load_response_json,
     optional_object,
@@ -248,19 +249,7 @@ def _usage(raw: dict[str, Any], reader: UsageReader) -> Usage:
 
 def _reduce_chunks(docs: list[Any]) -> Reported:
     # Only the final chunk carries usage; a model name may come on any chunk.
-    usage: Usage | None = None
-    model: str | None = None
-    anomalies: tuple[str, ...] = ()
-    for d in docs:
-        if not isinstance(d, dict):
-            continue
-        if isinstance(d.get("model"), str) and d["model"]:
-            model = d["model"]
-        reader = UsageReader()
-        raw = reader.obj(d, "usage")
-        if raw:
-            usage, anomalies = _usage(raw, reader), tuple(reader.anomalies)
-    return Reported(usage, model, anomalies)
+    return last_usage(docs, "model", "usage", _usage)
 
 
 def _multiplier(api: str, doc: dict[str, Any]) -> int:
