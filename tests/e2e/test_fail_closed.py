@@ -14,6 +14,8 @@ import httpx
 import pytest
 import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from extproc import envoy_config
 from extproc.exchange import UPSTREAM_HEADER
@@ -76,6 +78,9 @@ def attempt(port: int, fake: FakeProvider) -> httpx.Response:
 def silent_filter(tmp_path: Path) -> Iterator[str]:
     server = grpc.server(futures.ThreadPoolExecutor(4))
     pb_grpc.add_ExternalProcessorServicer_to_server(SilentFilter(), server)
+    # It reports itself healthy, as a ready worker does: Envoy sends no request to one that is not.
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     sock = f"unix:{tmp_path}/silent.sock"
     server.add_insecure_port(sock)
     server.start()
