@@ -25,9 +25,12 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from extproc import envoy_config, failopen, wrapped_keys
-from extproc.exchange import REQUEST_ID_HEADER, UPSTREAM_HEADER
+from extproc import envoy_messages as msg
+from extproc.exchange import CREDENTIAL_HEADERS, REQUEST_ID_HEADER, UPSTREAM_HEADER, Reply
 from extproc.stack import envoy_binary
 from extproc.upstreams import upstream_for
 from tests.e2e.helpers import auth_of
@@ -273,6 +276,17 @@ def test_frozen_worker_fails_open_and_the_stack_imports_the_record(
         assert s not in text
 
 
+def filter_server(servicer: pb_grpc.ExternalProcessorServicer, tmp_path: Path) -> grpc.Server:
+    """A stand-in filter at unix:tmp_path/filter.sock that reports itself healthy, as a ready
+    worker does (Envoy sends nothing to one that is not)."""
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+    server.add_insecure_port(f"unix:{tmp_path}/filter.sock")
+    server.start()
+    return server
+
+
 class HalfFilter(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Lets the request headers through with the provider key and a route, then hangs up."""
 
@@ -305,13 +319,8 @@ def test_a_request_the_filter_dropped_midway_is_logged_and_flagged(
     tmp_path: Path, stack: Stack, fake: FakeProvider
 ) -> None:
     issued = issue_key(stack, "openai", fake.base_url)
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        HalfFilter(upstream_for(fake.base_url).cluster, issued.provider_secret), server
-    )
-    sock = f"unix:{tmp_path}/half.sock"
-    server.add_insecure_port(sock)
-    server.start()
+    server = filter_server(HalfFilter(upstream_for(fake.base_url).cluster, issued.provider_secret), tmp_path)
+    sock = f"unix:{tmp_path}/filter.sock"
     envoy = DeadFilterEnvoy(tmp_path, fake, breakglass_secret(), endpoint=sock)
     try:
         before = len(fake.requests)
@@ -329,3 +338,36 @@ def test_a_request_the_filter_dropped_midway_is_logged_and_flagged(
     stack.cli("failopen", "import", "--log", str(envoy.log), "--policies", str(REPO / "policies"))
     (row,) = fail_open_rows(stack, issued)
     assert row["flags"] == [failopen.FLAG, failopen.MIDSTREAM_FLAG] and row["provider"] == "openai"
+
+
+class FailsAtTheBody(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Answers the request headers as Spendgate does for an accounted API (the wrapped key
+    removed, the body asked for, no credential or route yet), then dies before the body reply."""
+
+    def Process(
+        self, requests: Iterator[pb.ProcessingRequest], context: grpc.ServicerContext
+    ) -> Iterator[object]:
+        for req in requests:
+            if not req.HasField("request_headers"):
+                context.abort(grpc.StatusCode.INTERNAL, "the filter broke")
+            yield msg.request_headers(
+                Reply(remove_headers=list(CREDENTIAL_HEADERS), clear_route_cache=True, request_body_mode="BUFFERED")
+            )
+
+
+def test_a_filter_failing_at_the_body_phase_under_fail_open_forwards_nothing(
+    tmp_path: Path, stack: Stack, fake: FakeProvider
+) -> None:
+    issued = issue_key(stack, "openai", fake.base_url)
+    server = filter_server(FailsAtTheBody(), tmp_path)
+    envoy = DeadFilterEnvoy(tmp_path, fake, breakglass_secret(), endpoint=f"unix:{tmp_path}/filter.sock")
+    try:
+        before = len(fake.requests)
+        client = openai.OpenAI(base_url=envoy.url + "/v1", api_key=issued.key, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="fake-openai-model", messages=MESSAGES)
+        assert caught.value.status_code == 503
+        assert fake.requests[before:] == []
+    finally:
+        envoy.stop()
+        server.stop(0)
