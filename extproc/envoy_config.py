@@ -6,12 +6,14 @@ checks that they match, so the shipped snippets and what `spendgate up` runs nev
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from extproc.exchange import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, REQUEST_ID_HEADER, UPSTREAM_HEADER
 from extproc.failover import HOST_METADATA, PHASE_METADATA
+from extproc.providers import PROVIDERS
 from extproc.upstreams import DEFAULT_BASE_URLS, MAX_CHAIN, Upstream, upstream_for
 from extproc.upstreams import failover_cluster as failover_name
 
@@ -94,16 +96,176 @@ def strip_route_header() -> list[dict[str, Any]]:
     the header in a filter would be too late: a forged header would already have routed the
     request, and a filter that never answers would let it through. Only the ext_proc filter,
     which clears the route cache, may route.
+
+    A client-sent request id goes too: Envoy's own error replies copy the filter's request id
+    from the request (local_reply_config), and must never echo one the client made up.
     """
     return [
         {
             "name": "envoy.http.early_header_mutation.header_mutation",
             "typed_config": {
                 "@type": _T + "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                "mutations": [{"remove": UPSTREAM_HEADER}],
+                "mutations": [{"remove": UPSTREAM_HEADER}, {"remove": REQUEST_ID_HEADER}],
             },
         }
     ]
+
+
+# -- Envoy's own error replies ---------------------------------------------------------------
+# The details of the filter's immediate responses (extproc.envoy_messages.immediate). They reach
+# the client through Envoy's local reply path too, already in the provider's format: the mappers
+# below leave every reply with these details alone, whatever its status.
+FILTER_REPLY_DETAILS = "spendgate_rejected"
+# Envoy's own 5xx replies: the ext_proc filter failing, the catch-all route, upstream trouble.
+# A provider's own errors are never local replies, so no mapper ever sees them.
+_ENVOY_5XX = f"response.code >= 500 && response.code_details != '{FILTER_REPLY_DETAILS}'"
+# Which provider a request is for, as extproc.providers.guess_from_request decides it. By the time
+# Envoy answers, the filter may have put a base URL's path prefix in front of the path, so the path
+# is searched, not only its start. The key headers are the client's before the filter answers and
+# the provider's own after (x-goog-api-key for Gemini, x-api-key for Anthropic); in between (an
+# accounted request's body not yet answered) the path and anthropic-version still tell.
+PROVIDER_CEL = {
+    "gemini": (
+        "request.url_path.contains('/v1beta/') || request.url_path.contains('/v1alpha/')"
+        " || 'x-goog-api-key' in request.headers"
+    ),
+    "anthropic": (
+        "request.url_path.contains('/v1/messages') || 'anthropic-version' in request.headers"
+        " || 'x-api-key' in request.headers"
+    ),
+    "openai": "true",
+}
+# The statuses Envoy answers with itself; a provider field that depends on the status (Gemini's
+# `status`) is computed from %RESPONSE_CODE% for these, any other takes the provider's default.
+_ENVOY_STATUSES = (500, 502, 503, 504)
+_MESSAGE_MARK = "@@message@@"
+
+
+@dataclass(frozen=True)
+class EnvoyReply:
+    """A kind of reply Envoy makes itself, as a local reply mapper recognises and words it."""
+
+    condition: str  # CEL, on top of _ENVOY_5XX
+    message: str  # a substitution format string
+    openai_code: str | None = None  # an OpenAI error's `code` (the other shapes have none)
+
+
+_FILTER_FAILED = "response.code_details.startsWith('ext_proc')"  # ext_proc_error_...
+# In order: the first whose condition holds words the reply.
+ENVOY_REPLIES = [
+    # The filter failed on the response (an upstream host was picked): the provider ran it.
+    EnvoyReply(
+        f"{_FILTER_FAILED} && has(upstream.address)",
+        "Spendgate's filter failed while handling the provider's answer, which is lost; "
+        "the request did reach the provider (%RESPONSE_CODE_DETAILS%)",
+        "spendgate_unavailable",
+    ),
+    # ext_proc answers 504 when the filter is past message_timeout, status_on_error otherwise.
+    EnvoyReply(
+        f"{_FILTER_FAILED} && response.code == 504",
+        "Spendgate's filter did not answer in time; the request was not forwarded (%RESPONSE_CODE_DETAILS%)",
+        "spendgate_unavailable",
+    ),
+    EnvoyReply(
+        _FILTER_FAILED,
+        "Spendgate's filter is unavailable; the request was not forwarded (%RESPONSE_CODE_DETAILS%)",
+        "spendgate_unavailable",
+    ),
+    # The catch-all route: the filter never routed the request.
+    EnvoyReply(
+        "response.code_details == 'direct_response'",
+        "request was not authorised by the Spendgate filter",
+        "spendgate_unavailable",
+    ),
+    EnvoyReply(
+        "response.code_details == 'cluster_not_found'",
+        "upstream error: Envoy has no cluster for this credential's base URL yet (cluster_not_found)",
+    ),
+    # Connect failure, no healthy upstream, upstream timeout, a reset before the answer was out.
+    EnvoyReply("true", "upstream error: %LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"),
+]
+
+
+def _cel_filter(expression: str) -> dict[str, Any]:
+    """An access log filter (also a local reply mapper's filter): a CEL expression."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _cel_string(value: Any) -> str:
+    if not isinstance(value, str) or any(c in value for c in "'\\()%"):
+        raise ValueError(f"not a plain string for a CEL literal: {value!r}")
+    return f"'{value}'"
+
+
+def error_format(provider: str, message: str, openai_code: str | None = None) -> dict[str, Any]:
+    """A `json_format` body in `provider`'s error shape (its error_body), carrying `message`.
+
+    Fields that vary with the status follow the reply's status: a number equal to it becomes
+    %RESPONSE_CODE%, a string that differs between statuses a %CEL()% choice on response.code.
+    """
+    impl = PROVIDERS[provider]
+    docs = {s: json.loads(impl.error_body(s, _MESSAGE_MARK)) for s in (*_ENVOY_STATUSES, 599)}
+
+    def merge(values: dict[int, Any]) -> Any:
+        first = values[_ENVOY_STATUSES[0]]
+        if isinstance(first, dict):
+            return {k: merge({s: v[k] for s, v in values.items()}) for k in first}
+        if first == _MESSAGE_MARK:
+            return message
+        if all(v == s for s, v in values.items()):
+            return "%RESPONSE_CODE%"
+        if all(v == first for v in values.values()):
+            return first
+        other = values[599]
+        cases = "".join(
+            f"response.code == {s} ? {_cel_string(values[s])} : "
+            for s in _ENVOY_STATUSES
+            if values[s] != other
+        )
+        return f"%CEL({cases}{_cel_string(other)})%"
+
+    doc: dict[str, Any] = merge(docs)
+    if openai_code is not None and provider == "openai":
+        doc["error"]["code"] = openai_code
+    return doc
+
+
+def local_reply_config() -> dict[str, Any]:
+    """The HCM's local_reply_config: Envoy's own 5xx replies in the calling provider's error JSON.
+
+    Only replies Envoy makes itself reach these mappers; of those, the filter's (details
+    FILTER_REPLY_DETAILS) and every reply below 500 pass unchanged. The status is kept, and the
+    filter's request id, when it set one on the request, is copied onto the reply.
+    """
+    mappers = []
+    for reply in ENVOY_REPLIES:
+        for provider in ("gemini", "anthropic", "openai"):
+            expression = f"{_ENVOY_5XX} && {reply.condition}"
+            if provider != "openai":
+                expression += f" && ({PROVIDER_CEL[provider]})"
+            mappers.append(
+                {
+                    "filter": _cel_filter(expression),
+                    "headers_to_add": [
+                        {
+                            "header": {"key": REQUEST_ID_HEADER, "value": f"%REQ({REQUEST_ID_HEADER})%"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    ],
+                    "body_format_override": {
+                        "json_format": error_format(provider, reply.message, reply.openai_code)
+                    },
+                }
+            )
+    return {"mappers": mappers}
 
 
 def ext_proc_cluster(endpoints: list[Endpoint]) -> dict[str, Any]:
@@ -627,15 +789,7 @@ def failopen_access_log(path: str) -> dict[str, Any]:
     """The HCM access log of requests forwarded without the filter (JSON lines)."""
     return {
         "name": "envoy.access_loggers.file",
-        "filter": {
-            "extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {
-                    "@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                    "expression": FAILOPEN_LOG_FILTER,
-                },
-            }
-        },
+        "filter": _cel_filter(FAILOPEN_LOG_FILTER),
         "typed_config": {
             "@type": _T + "extensions.access_loggers.file.v3.FileAccessLog",
             "path": path,
@@ -661,6 +815,7 @@ def _hcm(
         **hcm_options(),
         "early_header_mutation_extensions": strip_route_header(),
         "route_config": route_config(fail_open),
+        "local_reply_config": local_reply_config(),
         "http_filters": filters,
     }
     if fail_open:

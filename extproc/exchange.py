@@ -246,6 +246,7 @@ class Exchange:
         self._query = [(k, v) for k, v in query if k.strip().lower() not in CREDENTIAL_QUERY]
         new_path = self._upstream_path(self._path)
         path_change = [(":path", new_path)] if new_path != raw_path else []
+        path_change.append((REQUEST_ID_HEADER, self.request_id))  # for Envoy's own error replies to copy
         if self._api == PASSTHROUGH:
             reply = Reply(remove_headers=removed, set_headers=routing + path_change, clear_route_cache=True)
             return self._admit_passthrough(entry, method, self._path, reply, now)

@@ -36,6 +36,7 @@ def documents() -> dict[str, Any]:
         "snippets/http_filters.yaml": [ec.ext_proc_filter()],
         "snippets/early_header_mutation_extensions.yaml": ec.strip_route_header(),
         "snippets/hcm_options.yaml": ec.hcm_options(),
+        "snippets/local_reply_config.yaml": ec.local_reply_config(),
         "snippets/extproc_cluster.yaml": ec.ext_proc_cluster([ec.Endpoint("127.0.0.1:50051")]),
         "snippets/provider_clusters.yaml": [
             ec.provider_cluster(u, SYSTEM_CA) for u in ec.default_upstreams()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec as ecdsa
 from cryptography.x509.oid import NameOID
 
-from extproc import envoy_config, shipped_configs
+from extproc import envoy_config, envoy_messages, shipped_configs
+from extproc.exchange import REQUEST_ID_HEADER, Reply
+from extproc.providers import PROVIDERS
 from extproc.stack import envoy_binary
 from extproc.upstreams import upstream_for
 
@@ -89,6 +93,7 @@ def test_snippets_drop_into_an_existing_envoy_config_and_validate(tmp_path: Path
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "ingress",
                                         **snippet("hcm_options.yaml"),
+                                        "local_reply_config": snippet("local_reply_config.yaml"),
                                         "early_header_mutation_extensions": snippet(
                                             "early_header_mutation_extensions.yaml"
                                         ),
@@ -176,3 +181,44 @@ def test_fail_closed_is_the_default_everywhere() -> None:
     for name, text in shipped_configs.rendered().items():
         assert "failure_mode_allow: true" not in text, name
         assert "spendgate_failopen" not in text, name
+
+
+def test_local_reply_mappers_leave_the_filters_replies_alone() -> None:
+    """The filter's immediate responses are local replies too: every mapper excludes their details,
+    and touches nothing below 500."""
+    reply = envoy_messages.immediate(Reply(immediate_status=503, body=b"{}"))
+    assert reply.immediate_response.details == envoy_config.FILTER_REPLY_DETAILS
+    for mapper in envoy_config.local_reply_config()["mappers"]:
+        expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
+        assert expression.startswith(
+            f"response.code >= 500 && response.code_details != '{envoy_config.FILTER_REPLY_DETAILS}' && "
+        )
+        assert "status_code" not in mapper  # the status is kept
+
+
+def _render(template: object, status: int, message: str) -> object:
+    """What Envoy makes of a json_format template (the operators error_format uses)."""
+    if isinstance(template, dict):
+        return {k: _render(v, status, message) for k, v in template.items()}
+    if template == "%RESPONSE_CODE%":
+        return status
+    if isinstance(template, str) and template.startswith("%CEL("):
+        chosen = dict(re.findall(r"response\.code == (\d+) \? '(\w+)'", template))
+        return chosen.get(str(status), re.findall(r"'(\w+)'\)%$", template)[0])
+    return message if template == "MESSAGE" else template
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 507])
+def test_local_reply_bodies_have_the_providers_error_shape(provider: str, status: int) -> None:
+    template = envoy_config.error_format(provider, "MESSAGE")
+    expected = json.loads(PROVIDERS[provider].error_body(status, "MESSAGE"))
+    assert _render(template, status, "MESSAGE") == expected
+    with_code = _render(envoy_config.error_format(provider, "MESSAGE", "spendgate_unavailable"), status, "")
+    if provider == "openai":
+        assert with_code["error"]["code"] == "spendgate_unavailable"  # type: ignore[index]
+
+
+def test_a_client_cannot_plant_the_request_id_envoy_copies_onto_its_replies() -> None:
+    (ext,) = envoy_config.strip_route_header()
+    assert {"remove": REQUEST_ID_HEADER} in ext["typed_config"]["mutations"]
