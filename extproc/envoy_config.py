@@ -881,6 +881,9 @@ def listener(
     }
 
 
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+
+
 @dataclass
 class BootstrapOptions:
     """What varies between a local stack, a container and the shipped example."""
@@ -925,6 +928,21 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     config: dict[str, Any] = {
         "admin": {"address": {"socket_address": {"address": opts.admin_host, "port_value": opts.admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},
+        # Without a cap Envoy accepts connections until it runs out of file descriptors (and warns
+        # at every start). Each proxied request also holds an upstream connection, so the cap sits
+        # well under common descriptor limits and far above what one host's proxy serves.
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _T
+                        + "extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
     }
     if opts.cds_path or opts.fail_open:
         # File-based CDS and SDS both need a node identity.
