@@ -19,9 +19,6 @@ COPY pyproject.toml README.md ./
 COPY extproc/ extproc/
 RUN pip install . && rm -rf /src
 
-# The price table `serve` loads (--policies /app/policies). Mount a directory over it to use your own.
-COPY policies/ /app/policies/
-
 # A fixed non-root uid, so volume ownership is predictable across rebuilds.
 RUN groupadd --system --gid 10001 spendgate \
     && useradd --system --uid 10001 --gid spendgate --home-dir /var/lib/spendgate --no-create-home \
@@ -38,4 +35,6 @@ USER spendgate
 EXPOSE 50051
 
 ENTRYPOINT ["spendgate"]
-CMD ["serve", "--listen", "0.0.0.0:50051", "--policies", "/app/policies"]
+# The price table ships inside the package. For policies, mount a directory at /app/policies:
+# `serve` loads ./policies when there is one, and its pricing.yaml, if any, replaces the shipped table.
+CMD ["serve", "--listen", "0.0.0.0:50051"]

@@ -34,6 +34,7 @@ import yaml
 
 from bench import upstream, wrk
 from extproc import envoy_config
+from extproc.pricing import SHIPPED_PRICES
 from extproc.stack import envoy_binary
 from extproc.upstreams import upstream_for
 from tests.support import Stack, free_port, issue_key, scratch_database, start_stack
@@ -226,7 +227,7 @@ def bench_policies(work: Path) -> Path:
     """The shipped prices plus a policy with every kind of rule, none of which ever refuses."""
     d = work / "policies"
     d.mkdir()
-    shutil.copy(Path(__file__).resolve().parent.parent / "policies" / "pricing.yaml", d / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, d / "pricing.yaml")
     (d / "bench.yaml").write_text(BENCH_POLICY)
     return d
 

@@ -32,7 +32,7 @@ import structlog
 import yaml
 
 from extproc import envoy_config
-from extproc.pricing import PriceTable
+from extproc.pricing import PriceTable, price_table_path
 from extproc.upstreams import DEFAULT_BASE_URLS, upstream_for
 from extproc.usage import Usage, UsageRecord
 
@@ -521,11 +521,10 @@ class ImportDeferred(RuntimeError):
 
 
 def load_prices(policies: Path | None) -> PriceTable | None:
-    """The price table of a policy directory, to estimate fail-open costs (None if unreadable)."""
-    if policies is None:
-        return None
+    """The price table in force for a policy directory (its own, else the shipped one), to
+    estimate fail-open costs; None if unreadable."""
     try:
-        return PriceTable.model_validate(yaml.safe_load((policies / "pricing.yaml").read_text()))
+        return PriceTable.model_validate(yaml.safe_load(price_table_path(policies).read_text()))
     except (OSError, ValueError, yaml.YAMLError):
         return None
 
@@ -547,7 +546,9 @@ def import_in_background(importer: Importer, stop: threading.Event, every: float
     return thread
 
 
-def start_stack_import(home: Path, dsn: str, policies: Path, stop: threading.Event) -> threading.Thread:
+def start_stack_import(
+    home: Path, dsn: str, policies: Path | None, stop: threading.Event
+) -> threading.Thread:
     """The importer `spendgate up --fail-open` runs beside Envoy, until `stop` is set."""
     importer = Importer(
         home / ACCESS_LOG,

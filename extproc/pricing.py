@@ -1,9 +1,14 @@
-"""The price table (policies/pricing.yaml) and the cost of a request as an exact decimal."""
+"""The price table and the cost of a request as an exact decimal.
+
+The table ships inside the package (extproc/pricing.yaml), so `spendgate up` prices requests from
+any directory; a `pricing.yaml` in the policy directory replaces it as a whole.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,6 +16,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from extproc.usage import Usage
 
 PER_MILLION = Decimal(1_000_000)
+
+PRICING_FILE = "pricing.yaml"
+# Package data (pyproject.toml), next to this module in a wheel as in a checkout.
+SHIPPED_PRICES = Path(__file__).with_name(PRICING_FILE)
+
+
+def price_table_path(policies: Path | None) -> Path:
+    """The price table in force for a policy directory: its own pricing.yaml, else the shipped one.
+
+    A user's table replaces the shipped one whole rather than being merged into it: a model the
+    user removed must not come back priced from the shipped list.
+    """
+    if policies is not None:
+        own = policies / PRICING_FILE
+        if own.exists():
+            return own
+    return SHIPPED_PRICES
+
 
 # The dearest list price seen is $600 per million (o1-pro output). A price above this cap is far
 # more likely a slipped decimal point ("2500" for "2.50") than a real model, and it would make

@@ -46,7 +46,7 @@ class ServeOptions:
     listen: str  # grpc address: "unix:/path.sock" or "127.0.0.1:50051"
     dsn: str
     home: Path
-    policies: Path  # the policy directory: pricing.yaml and policy files
+    policies: Path | None  # policy files and an optional pricing.yaml; None: the shipped prices only
     spool: Path
     key_refresh_seconds: float = 2.0
     redis_url: str | None = None  # rate-limit counters shared by replicas; in process without it

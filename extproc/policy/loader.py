@@ -1,4 +1,8 @@
-"""Reading a policy directory: every problem reported as `file:line: reason`, all or nothing."""
+"""Reading a policy directory: every problem reported as `file:line: reason`, all or nothing.
+
+The directory is optional, and so is its `pricing.yaml`: without them the shipped price table is
+in force (extproc.pricing.price_table_path).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ from pydantic import BaseModel, ValidationError
 
 from extproc.policy.evaluate import Binding, Subject
 from extproc.policy.schema import Policy, PolicyFile
-from extproc.pricing import PriceTable
+from extproc.pricing import PRICING_FILE, PriceTable, price_table_path
 
-PRICING_FILE = "pricing.yaml"
+__all__ = ["PRICING_FILE", "PolicyError", "PolicySet", "load_policy_dir"]
 _MAX_BINDINGS = 10_000
 
 
@@ -32,6 +36,7 @@ class PolicySet:
 
     prices: PriceTable
     policies: tuple[Policy, ...]
+    prices_path: Path | None = field(default=None, compare=False)  # where `prices` was read from
     _bindings: dict[Subject, Binding] = field(default_factory=dict, compare=False, repr=False)
 
     def binding(self, who: Subject) -> Binding:
@@ -78,19 +83,21 @@ def _parse(path: Path, model: type[BaseModel]) -> tuple[Any, list[str]]:
         ]
 
 
-def load_policy_dir(directory: Path) -> PolicySet:
-    """Validate and load a policy directory; raise PolicyError naming every problem."""
-    problems: list[str] = []
-    pricing_path = directory / PRICING_FILE
-    prices: PriceTable | None = None
-    if pricing_path.exists():
-        prices, errs = _parse(pricing_path, PriceTable)
-        problems += errs
-    else:
-        problems.append(f"{pricing_path}:1: missing (every policy directory needs a price table)")
+def load_policy_dir(directory: Path | None) -> PolicySet:
+    """Validate and load a policy directory; raise PolicyError naming every problem.
+
+    With no directory (None), or a directory without `pricing.yaml`, the shipped price table is
+    used. A directory that was named but is not there is a problem, not an empty set: a mistyped
+    path or a missing mount must not silently lift every budget and model rule.
+    """
+    if directory is not None and not directory.is_dir():
+        raise PolicyError([f"{directory}: no such policy directory"])
+    pricing_path = price_table_path(directory)
+    prices, problems = _parse(pricing_path, PriceTable)
     policies: list[Policy] = []
     seen: dict[str, Path] = {}
-    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+    files = [] if directory is None else sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+    for path in files:
         if path.name == PRICING_FILE:
             continue
         parsed, errs = _parse(path, PolicyFile)
@@ -108,4 +115,4 @@ def load_policy_dir(directory: Path) -> PolicySet:
             policies.append(policy)
     if problems or prices is None:
         raise PolicyError(problems)
-    return PolicySet(prices, tuple(policies))
+    return PolicySet(prices, tuple(policies), pricing_path)

@@ -14,9 +14,9 @@ log = structlog.get_logger("spendgate.policy")
 
 
 class PolicyStore:
-    """Holds the last good PolicySet of a directory."""
+    """Holds the last good PolicySet of a directory (None: the shipped prices and no policies)."""
 
-    def __init__(self, directory: Path, current: PolicySet | None = None) -> None:
+    def __init__(self, directory: Path | None, current: PolicySet | None = None) -> None:
         self.directory = directory
         self.current = current if current is not None else load_policy_dir(directory)
         self.reload_failures = 0  # exported as a metric
@@ -24,6 +24,8 @@ class PolicyStore:
         self._signature: tuple[tuple[str, int, int], ...] | None = self._stat()
 
     def _stat(self) -> tuple[tuple[str, int, int], ...]:
+        if self.directory is None:
+            return ()
         files = sorted([*self.directory.glob("*.yaml"), *self.directory.glob("*.yml")])
         out = []
         for f in files:
@@ -62,7 +64,12 @@ class PolicyStore:
             return False
         self.current = fresh
         self.last_error = []
-        log.info("policy.reloaded", policies=len(fresh.policies), prices=fresh.prices.version)
+        log.info(
+            "policy.reloaded",
+            policies=len(fresh.policies),
+            prices=fresh.prices.version,
+            prices_file=str(fresh.prices_path),
+        )
         return True
 
     async def run(self, interval: float = 1.0) -> None:

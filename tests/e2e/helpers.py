@@ -12,7 +12,7 @@ import openai
 from tests.fakeprovider import FakeProvider, RecordedRequest
 from tests.support import Issued, Stack
 
-# The fake models' list prices in policies/pricing.yaml (USD per million tokens), restated here
+# The fake models' list prices in extproc/pricing.yaml (USD per million tokens), restated here
 # so that a wrong cost computation cannot pass by agreeing with itself.
 PRICES = {
     "fake-openai-model": {"input": "2.50", "cached": "1.25", "output": "10.00", "write": "2.50"},

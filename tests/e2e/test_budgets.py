@@ -13,9 +13,10 @@ import openai
 import pytest
 import tiktoken
 
+from extproc.pricing import SHIPPED_PRICES
 from tests.e2e.helpers import ask, expected_cost, openai_client
 from tests.fakeprovider import OPENAI_USAGE, FakeProvider
-from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
+from tests.support import Stack, issue_key, start_stack, usage_rows
 
 U = OPENAI_USAGE
 ACTUAL = expected_cost("fake-openai-model", U["prompt_tokens"], U["cached_tokens"], 0, U["completion_tokens"])
@@ -47,7 +48,7 @@ def reservation() -> Decimal:
 @pytest.fixture(scope="module")
 def bstack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     d = tmp_path_factory.mktemp("budget-policies")
-    shutil.copy(REPO / "policies" / "pricing.yaml", d / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, d / "pricing.yaml")
     (d / "budgets.yaml").write_text(POLICY)
     s = start_stack(database, tmp_path_factory.mktemp("bstack"), "--workers", "2", policies=d)
     yield s

@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from extproc.pricing import SHIPPED_PRICES
 from tests.e2e.helpers import seen_by_provider
 from tests.fakeprovider import FakeProvider
-from tests.support import REPO, Issued, Stack, issue_key, start_stack, usage_rows
+from tests.support import Issued, Stack, issue_key, start_stack, usage_rows
 
 POLICY = """
 policies:
@@ -48,7 +49,7 @@ MODEL_SPELLINGS = ["forbidden-model", "FAKE-OPENAI-MODEL/../forbidden-model", "F
 @pytest.fixture(scope="module")
 def bstack(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     d: Path = tmp_path_factory.mktemp("bypass-policies")
-    shutil.copy(REPO / "policies" / "pricing.yaml", d / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, d / "pricing.yaml")
     (d / "bypass.yaml").write_text(POLICY)
     s = start_stack(database, tmp_path_factory.mktemp("bstack"), policies=d)
     yield s

@@ -13,9 +13,10 @@ import anthropic
 import openai
 import pytest
 
+from extproc.pricing import SHIPPED_PRICES
 from tests.e2e.helpers import openai_client, seen_by_provider, wait_for
 from tests.fakeprovider import FakeProvider
-from tests.support import REPO, Issued, Stack, issue_key, start_stack, usage_rows
+from tests.support import Issued, Stack, issue_key, start_stack, usage_rows
 
 POLICY = """
 policies:
@@ -47,7 +48,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("policies")
-    shutil.copy(REPO / "policies" / "pricing.yaml", d / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, d / "pricing.yaml")
     (d / "team.yaml").write_text(POLICY)
     return d
 

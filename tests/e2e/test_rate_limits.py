@@ -14,9 +14,10 @@ import openai
 import pytest
 import tiktoken
 
+from extproc.pricing import SHIPPED_PRICES
 from tests.e2e.helpers import ask, openai_client
 from tests.fakeprovider import OPENAI_USAGE, FakeProvider
-from tests.support import REPO, Stack, issue_key, start_stack, usage_rows
+from tests.support import Stack, issue_key, start_stack, usage_rows
 
 U = OPENAI_USAGE
 PROMPT = " ".join(f"word{i}" for i in range(60))
@@ -47,7 +48,7 @@ def redis_up() -> bool:
 
 def stack_with(database: str, factory: pytest.TempPathFactory, **env: str) -> Stack:
     d = factory.mktemp("rl-policies")
-    shutil.copy(REPO / "policies" / "pricing.yaml", d / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, d / "pricing.yaml")
     (d / "limits.yaml").write_text(POLICY)
     return start_stack(
         database, factory.mktemp("rlstack"), "--workers", "2" if env else "1", policies=d, env=env

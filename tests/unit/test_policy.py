@@ -15,6 +15,7 @@ from extproc.policy.evaluate import Binding, Subject, decide
 from extproc.policy.loader import PolicyError, PolicySet, load_policy_dir
 from extproc.policy.schema import Policy
 from extproc.policy.store import PolicyStore
+from extproc.pricing import SHIPPED_PRICES
 from extproc.providers import PROVIDERS
 from extproc.providers.base import Change
 from tests.unit.test_exchange import World, headers
@@ -29,7 +30,7 @@ def policy(**kw: object) -> Policy:
 
 @pytest.fixture
 def pdir(tmp_path: Path) -> Path:
-    shutil.copy(REPO / "policies" / "pricing.yaml", tmp_path / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, tmp_path / "pricing.yaml")
     return tmp_path
 
 

@@ -22,6 +22,7 @@ from extproc.crypto import Keyring, generate_master_key, parse_master_key
 from extproc.keystore import KeyStore, credential_aad
 from extproc.keytable import KeyTable
 from extproc.policy.store import PolicyStore
+from extproc.pricing import SHIPPED_PRICES
 from extproc.server import Readiness, bounded_dsn, without_password
 from extproc.supervise import (
     Backoff,
@@ -359,7 +360,7 @@ async def test_key_refresh_skips_a_credential_row_it_cannot_use_and_loads_every_
 
 
 def test_policy_reload_keeps_the_last_good_set_when_a_file_cannot_be_read(tmp_path: Path) -> None:
-    shutil.copy(REPO / "policies" / "pricing.yaml", tmp_path / "pricing.yaml")
+    shutil.copy(SHIPPED_PRICES, tmp_path / "pricing.yaml")
     (tmp_path / "p.yaml").write_text("policies:\n  - name: one\n    applies_to: {all: true}\n")
     store = PolicyStore(tmp_path)
     (tmp_path / "p.yaml").unlink()
