@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -12,6 +13,8 @@ from extproc.policy.limits import Charge, charges_for
 from extproc.policy.schema import Budget, Policy, RateLimit
 
 _REMEMBERED_MODELS = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DOT_SEGMENT = re.compile(r"\\|(?:^|/)\.\.?(?:/|$)")
 
 
 def canonical_model(name: str | None) -> str:
@@ -31,9 +34,9 @@ def model_name_problem(name: str) -> str | None:
     """
     if len(name) > 256:
         return "is longer than 256 characters"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if _CONTROL.search(name):
         return "contains a control character"
-    if "\\" in name or any(seg in (".", "..") for seg in name.split("/")):
+    if _DOT_SEGMENT.search(name):
         return "contains a '.' or '..' path segment or a backslash"
     return None
 
