@@ -30,6 +30,7 @@ from extproc.keytable import KeyTable
 from extproc.metrics import Metrics, Sample
 from extproc.metrics import serve as serve_metrics
 from extproc.policy.store import PolicyStore
+from extproc.providers.base import PASSTHROUGH
 from extproc.ratelimit import Limiter, LocalLimiter, RedisLimiter
 from extproc.servicer import ExternalProcessor
 from extproc.supervise import NotReady, TaskSupervisor, describe_error, retry_until
@@ -208,6 +209,12 @@ async def serve(opts: ServeOptions) -> None:
             metrics.inc("spendgate_requests_total", outcome=record.outcome, status=str(record.status))
             for flag in record.flags:  # a fixed vocabulary set by Spendgate, never caller text
                 metrics.inc("spendgate_flagged_records_total", flag=flag)
+            if record.api == PASSTHROUGH:
+                # Requests no tokens or cost stand behind, most often an SDK base URL without /v1.
+                # Provider kind and outcome only: the path is caller text and stays out of labels.
+                metrics.inc(
+                    "spendgate_unaccounted_requests_total", provider=record.provider, outcome=record.outcome
+                )
             writer.enqueue(record)
 
         def new_exchange() -> Exchange:
