@@ -12,14 +12,25 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from extproc import wrapped_keys
-from extproc.crypto import Keyring, Sealed
+from extproc.crypto import Keyring, MasterKeyError, Sealed, master_key_id
 from extproc.db import fetch_dicts
 from extproc.keystore import CHANGES_CHANNEL, credential_aad
 from extproc.upstreams import DEFAULT_BASE_URLS, upstream_for
 
 
 class AdminError(Exception):
-    """A refused administrative action, with a message for the operator."""
+    """A refused administrative action, with a message for the operator that says what to do next."""
+
+
+_LIST_PROVIDERS = "see `spendgate providers list`"
+_LIST_KEYS = "see `spendgate keys list`"
+
+
+def shown(ref: str) -> str:
+    """`ref` as it may be echoed back: a whole wrapped key is cut to its visible prefix."""
+    if ref.startswith(wrapped_keys.PREFIX) and len(ref) > len(wrapped_keys.visible_prefix(ref)):
+        return wrapped_keys.visible_prefix(ref) + "..."
+    return ref
 
 
 def _audit(conn: psycopg.Connection[Any], action: str, target: str, **details: Any) -> None:
@@ -44,19 +55,26 @@ def add_provider(
     """Store a provider credential, encrypted; `fallback` names the credential to fail over to."""
     if provider not in DEFAULT_BASE_URLS:
         raise AdminError(f"unknown provider {provider!r}; expected one of {', '.join(DEFAULT_BASE_URLS)}")
+    if not name.strip():
+        raise AdminError("--name is empty; give the credential a name that wrapped keys can refer to")
     if not secret.strip():
-        raise AdminError("the provider secret is empty")
+        raise AdminError(
+            "the provider secret is empty: pipe it on stdin, or name a set environment variable with --secret-env"
+        )
     url = (base_url or DEFAULT_BASE_URLS[provider]).rstrip("/")
     try:
         upstream_for(url)
     except ValueError as exc:
-        raise AdminError(str(exc)) from None
+        raise AdminError(f"--base-url: {exc}, e.g. http://127.0.0.1:8000/v1") from None
     cid = uuid.uuid4()
     sealed = keyring.seal(secret.strip(), credential_aad(cid))
     with conn.transaction():
         exists = conn.execute("SELECT 1 FROM provider_credentials WHERE name = %s", (name,)).fetchone()
         if exists:
-            raise AdminError(f"a provider credential named {name!r} already exists")
+            raise AdminError(
+                f"a provider credential named {name!r} already exists (revoked ones keep their name); "
+                f"choose another --name, {_LIST_PROVIDERS}"
+            )
         fallback_id = _fallback_id(conn, provider, fallback) if fallback is not None else None
         conn.execute(
             "INSERT INTO provider_credentials (id, provider, name, base_url, ciphertext, nonce, master_key_id,"
@@ -80,10 +98,28 @@ def _fallback_id(conn: psycopg.Connection[Any], provider: str, fallback: str) ->
         "SELECT id, provider FROM provider_credentials WHERE name = %s AND revoked_at IS NULL", (fallback,)
     ).fetchone()
     if row is None:
-        raise AdminError(f"no live provider credential named {fallback!r} to fail over to")
+        raise AdminError(
+            f"--fallback: no live provider credential named {fallback!r}; add it first or {_LIST_PROVIDERS}"
+        )
     if row[1] != provider:
-        raise AdminError(f"{fallback!r} speaks {row[1]}, not {provider}: failover needs the same protocol")
+        raise AdminError(
+            f"--fallback: {fallback!r} speaks {row[1]}, not {provider}; failover needs a credential of the "
+            f"same --provider, {_LIST_PROVIDERS}"
+        )
     return row[0]  # type: ignore[no-any-return]
+
+
+def foreign_master_keys(conn: psycopg.Connection[Any], keyring: Keyring) -> list[str]:
+    """Ids of master keys that seal live credentials here but are not in `keyring`.
+
+    A non-empty answer means this command and the proxies may hold different master keys: a
+    secret sealed now could be unreadable to them (or theirs to this keyring).
+    """
+    known = {master_key_id(k) for k in [keyring.active, *keyring.previous]}
+    rows = conn.execute(
+        "SELECT DISTINCT master_key_id FROM provider_credentials WHERE revoked_at IS NULL ORDER BY 1"
+    ).fetchall()
+    return [str(r[0]) for r in rows if r[0] not in known]
 
 
 def list_providers(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
@@ -104,8 +140,28 @@ def revoke_provider(conn: psycopg.Connection[Any], name: str) -> None:
             (name,),
         ).fetchone()
         if row is None:
-            raise AdminError(f"no live provider credential named {name!r}")
+            raise AdminError(_missing_credential(conn, name))
         _audit(conn, "provider.revoke", name, credential_id=str(row[0]))
+
+
+def _missing_credential(conn: psycopg.Connection[Any], name: str) -> str:
+    """Why `name` is not a live credential, and what to do about it."""
+    revoked = conn.execute(
+        "SELECT 1 FROM provider_credentials WHERE name = %s AND revoked_at IS NOT NULL", (name,)
+    ).fetchone()
+    if revoked:
+        return (
+            f"provider credential {name!r} is revoked; add a new one with `spendgate providers add` "
+            f"under another name, {_LIST_PROVIDERS}"
+        )
+    hint = ""
+    if name in DEFAULT_BASE_URLS:
+        # The commonest slip: the provider kind where a credential name is expected.
+        hint = f" (--provider takes a credential's name, not the kind {name!r})"
+    return (
+        f"no provider credential named {name!r}{hint}; {_LIST_PROVIDERS}, "
+        "or add one with `spendgate providers add`"
+    )
 
 
 @dataclass
@@ -128,12 +184,14 @@ def create_key(
     expires_at: dt.datetime | None = None,
 ) -> NewKey:
     """Issue a wrapped key bound to a provider credential (by name)."""
+    if not name.strip():
+        raise AdminError("--name is empty; name the key after the application that will use it")
     with conn.transaction():
         row = conn.execute(
             "SELECT id FROM provider_credentials WHERE name = %s AND revoked_at IS NULL", (credential,)
         ).fetchone()
         if row is None:
-            raise AdminError(f"no live provider credential named {credential!r}")
+            raise AdminError(_missing_credential(conn, credential))
         key = _insert_key(conn, name, row[0], team, project, policy, expires_at)
         _audit(
             conn,
@@ -144,6 +202,7 @@ def create_key(
             credential=credential,
             team=team,
             project=project,
+            policy=policy,
         )
     return key
 
@@ -182,23 +241,32 @@ def list_keys(conn: psycopg.Connection[Any], include_revoked: bool = False) -> l
 
 def _find_key(conn: psycopg.Connection[Any], ref: str) -> tuple[Any, ...]:
     """A live key by id or visible prefix; an ambiguous prefix is refused."""
+    where: str
+    param: uuid.UUID | str
     try:
-        rows = conn.execute(
-            "SELECT id, prefix, name, team, project, credential_id, policy FROM api_keys"
-            " WHERE id = %s AND revoked_at IS NULL",
-            (uuid.UUID(ref),),
-        ).fetchall()
+        where, param = "id = %s", uuid.UUID(ref)
     except ValueError:
-        rows = conn.execute(
-            "SELECT id, prefix, name, team, project, credential_id, policy FROM api_keys"
-            " WHERE prefix = %s AND revoked_at IS NULL",
-            (wrapped_keys.visible_prefix(ref),),
-        ).fetchall()
-    if not rows:
-        raise AdminError(f"no live key {ref!r}")
-    if len(rows) > 1:
-        raise AdminError(f"{ref!r} matches {len(rows)} keys; use the key id")
-    return tuple(rows[0])
+        if (
+            not ref.startswith(wrapped_keys.PREFIX)
+            or len(ref) < len(wrapped_keys.PREFIX) + wrapped_keys.VISIBLE_CHARS
+        ):
+            raise AdminError(
+                f"{shown(ref)!r} is neither a key id nor a key prefix (sg- and 8 more characters); {_LIST_KEYS}"
+            ) from None
+        where, param = "prefix = %s", wrapped_keys.visible_prefix(ref)
+    rows = conn.execute(
+        "SELECT id, prefix, name, team, project, credential_id, policy, revoked_at IS NOT NULL FROM api_keys"
+        f" WHERE {where}".encode(),
+        (param,),
+    ).fetchall()
+    live = [r[:-1] for r in rows if not r[-1]]
+    if len(live) > 1:
+        raise AdminError(f"{shown(ref)!r} matches {len(live)} keys; use the key id, {_LIST_KEYS}")
+    if live:
+        return tuple(live[0])
+    if rows:
+        raise AdminError(f"key {shown(ref)!r} is already revoked; `spendgate keys list --all` shows it")
+    raise AdminError(f"no key {shown(ref)!r}; {_LIST_KEYS} for ids and prefixes")
 
 
 def revoke_key(conn: psycopg.Connection[Any], ref: str) -> uuid.UUID:
@@ -249,7 +317,14 @@ def rotate_master_key(conn: psycopg.Connection[Any], keyring: Keyring) -> int:
             if row is None or row[2] == keyring.active_id:
                 continue
             aad = credential_aad(cid)
-            plain = keyring.open(Sealed(bytes(row[0]), bytes(row[1]), row[2]), aad)
+            try:
+                plain = keyring.open(Sealed(bytes(row[0]), bytes(row[1]), row[2]), aad)
+            except MasterKeyError:
+                raise AdminError(
+                    f"credential {cid} is sealed under master key {row[2]}, which is neither the active key "
+                    "nor in SPENDGATE_PREVIOUS_MASTER_KEYS; add the old key there and run again "
+                    f"({count} re-encrypted so far)"
+                ) from None
             sealed = keyring.seal(plain, aad)
             conn.execute(
                 "UPDATE provider_credentials SET ciphertext = %s, nonce = %s, master_key_id = %s WHERE id = %s",
