@@ -419,6 +419,13 @@ def cmd_breakglass(args: argparse.Namespace) -> int:
 
     home = _home()
     if args.action == "set":
+        if args.base_url is not None:
+            from extproc.upstreams import upstream_for
+
+            try:
+                upstream_for(args.base_url)
+            except ValueError as exc:
+                raise AdminError(f"--base-url: {exc}, e.g. https://api.openai.com") from None
         path = failopen.set_breakglass(home, args.provider, _read_secret(args.secret_env), args.base_url)
         print(f"stored the break-glass key for {args.provider} in {path} (mode 0600)")
     elif args.action == "list":

@@ -194,6 +194,10 @@ def _cases(stack: Stack, fake: FakeProvider, tmp: Path) -> dict[str, Case]:
             ("policy", "check", str(tmp / "no-such-dir")),
             ("not a directory",),
         ),
+        "break-glass key for a malformed URL": Case(
+            ("breakglass", "set", "--provider", "openai", "--base-url", "api.openai.com"),
+            ("--base-url", "http(s)://"),
+        ),
         "subcommand missing": Case(("keys",), ("keys --help",)),
     }
 
