@@ -29,7 +29,8 @@ GROUPS = {
 # Printed under a usage table that holds refused passthrough requests: nearly always an SDK whose
 # base URL lacks /v1, so its POSTs arrive at paths Spendgate does not meter.
 BASE_URL_HINT = (
-    'an SDK base URL must end in /v1 for OpenAI (http://127.0.0.1:8080/v1); see README "Using it from an SDK"'
+    "an OpenAI SDK's base URL must end in /v1 (e.g. http://127.0.0.1:8080/v1); "
+    'see README "Using it from an SDK"'
 )
 
 
