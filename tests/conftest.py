@@ -82,6 +82,8 @@ _SLOW_SECONDS = 10.0
 # Node id prefixes (relative to tests/) of tests measured at about 10 s or more.
 SLOW = (
     "unit/test_exchange_hardening.py::test_whatever_usage_an_upstream_reports_the_record_is_written_with_a_cost_that_is_not_negative",
+    "e2e/test_supervision.py::test_up_stops_with_a_message_naming_a_worker_that_keeps_dying",
+    "e2e/test_stack.py::test_postgres_stopped_and_restarted_under_load_loses_and_duplicates_nothing",
 )
 
 
