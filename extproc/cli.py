@@ -69,8 +69,26 @@ def _home() -> Path:
     return Path(os.environ.get("SPENDGATE_HOME") or Path.home() / ".spendgate")
 
 
-def _default_policies() -> Path:
-    return Path(os.environ.get("SPENDGATE_POLICIES") or "policies")
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return port
+
+
+def _default_policies() -> Path | None:
+    """$SPENDGATE_POLICIES, else ./policies if there is one; None: no policy directory.
+
+    SPENDGATE_POLICIES set but empty means none on purpose: `up` starts its workers so when it
+    has no directory, lest a restarted worker pick up a ./policies created in the meantime.
+    """
+    env = os.environ.get("SPENDGATE_POLICIES")
+    if env is not None:
+        return Path(env) if env else None
+    return Path("policies") if Path("policies").is_dir() else None
 
 
 def _connect() -> psycopg.Connection[Any]:
@@ -185,45 +203,49 @@ def _warn_unknown_policies(rows: list[dict[str, Any]], directory: Path | None) -
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    """Run the local stack in the foreground."""
-    from extproc.stack import Stack, StackOptions
+    """Run the local stack in the foreground; exit 1, with what to do, when it cannot start."""
+    from extproc.stack import Interrupted, Stack, StackError, StackOptions
 
-    if args.tls_port and not (args.tls_cert and args.tls_key):
-        raise admin.AdminError("--tls-port needs --tls-cert and --tls-key")
-    if args.fail_open:
-        from extproc import failopen
+    try:
+        if args.tls_port and not (args.tls_cert and args.tls_key):
+            raise AdminError("--tls-port needs --tls-cert and --tls-key")
+        if args.fail_open:
+            from extproc import failopen
 
-        failopen.failopen_config(args.home, args.fail_open)  # each needs a break-glass key: fail now
-    log.configure(os.environ.get("SPENDGATE_LOG_LEVEL", "INFO"))
-    stack = Stack(
-        StackOptions(
-            home=args.home,
-            policies=args.policies.resolve(),
-            listen_host=args.host,
-            port=args.port,
-            admin_port=args.admin_port,
-            workers=args.workers,
-            envoy_concurrency=args.envoy_concurrency,
-            tls_port=args.tls_port,
-            metrics_port=args.metrics_port,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            fail_open=args.fail_open or [],
-            ready_timeout=args.ready_timeout,
+            failopen.failopen_config(args.home, args.fail_open)  # each needs a break-glass key: fail now
+        log.configure(os.environ.get("SPENDGATE_LOG_LEVEL", "INFO"))
+        stack = Stack(
+            StackOptions(
+                home=args.home,
+                policies=args.policies.resolve() if args.policies else None,
+                listen_host=args.host,
+                port=args.port,
+                admin_port=args.admin_port,
+                workers=args.workers,
+                envoy_concurrency=args.envoy_concurrency,
+                tls_port=args.tls_port,
+                metrics_port=args.metrics_port,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                fail_open=args.fail_open or [],
+                ready_timeout=args.ready_timeout,
+            )
         )
-    )
-    stack.start()
-    print(f"Spendgate is up.\n  proxy:  {stack.proxy_url}\n  admin:  {stack.admin_url}", flush=True)
-    if args.tls_port:
-        print(f"  https:  https://{args.host}:{args.tls_port}", flush=True)
-    if args.fail_open:
-        print(
-            f"  fail-open: {', '.join(args.fail_open)} (served with the break-glass key while extproc is down)"
-        )
-    print(
-        "Point an SDK's base URL at the proxy and use a wrapped key (spendgate keys create). Ctrl-C stops.",
-        flush=True,
-    )
+        stack.start()
+    except Interrupted as exc:
+        print(f"spendgate: {exc}; nothing is left running", file=sys.stderr)
+        return 128 + exc.signum
+    except StackError as exc:
+        # May span lines: a policy directory's problems, one `file:line: reason` each.
+        print(f"spendgate: {log.redact(str(exc))}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
+        print(f"spendgate: {log.redact(message)}", file=sys.stderr)
+        return 1  # documented for `up`; other commands exit 2
+    print(stack.banner(), flush=True)
     return stack.serve_forever()
 
 
@@ -582,10 +604,27 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run the local stack (Postgres if needed, extproc, Envoy) in the foreground"
     )
     up.add_argument("--home", type=Path, default=_home(), help="state directory (default ~/.spendgate)")
-    up.add_argument("--policies", type=Path, default=_default_policies())
+    up.add_argument(
+        "--policies",
+        type=Path,
+        default=_default_policies(),
+        help="policy directory (default: $SPENDGATE_POLICIES, else ./policies if present, else none);"
+        " its pricing.yaml, if any, replaces the shipped price table",
+    )
     up.add_argument("--host", default="127.0.0.1", help="listen address of the proxy")
-    up.add_argument("--port", type=int, default=int(os.environ.get("SPENDGATE_PORT", "8080")))
-    up.add_argument("--admin-port", type=int, default=int(os.environ.get("SPENDGATE_ADMIN_PORT", "9901")))
+    # String defaults go through `type` like typed values: a bad SPENDGATE_PORT is a usage error.
+    up.add_argument(
+        "--port",
+        type=_port,
+        default=os.environ.get("SPENDGATE_PORT", "8080"),
+        help="proxy port (default: $SPENDGATE_PORT, else 8080)",
+    )
+    up.add_argument(
+        "--admin-port",
+        type=_port,
+        default=os.environ.get("SPENDGATE_ADMIN_PORT") or None,
+        help="Envoy admin port (default: $SPENDGATE_ADMIN_PORT, else 9901 or the next free port)",
+    )
     # Envoy needs a core of its own; on the 2-core machines measured, one worker beat two.
     up.add_argument(
         "--workers",
@@ -593,16 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=max(1, (os.cpu_count() or 2) // 2),
         help="extproc processes (default: cores/2)",
     )
-    up.add_argument("--envoy-concurrency", type=int, default=1)
+    up.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
     up.add_argument(
         "--metrics-port",
-        type=int,
-        default=9464,
-        help="Prometheus endpoint of worker i on this port + i (0: none)",
+        type=_port,
+        default=os.environ.get("SPENDGATE_METRICS_PORT") or None,
+        help="Prometheus endpoint of worker i on this port + i; 0: none"
+        " (default: $SPENDGATE_METRICS_PORT, else 9464 or the next free ports)",
     )
-    up.add_argument("--tls-port", type=int)
-    up.add_argument("--tls-cert")
-    up.add_argument("--tls-key")
+    up.add_argument(
+        "--tls-port", type=_port, help="also serve TLS (HTTP/2 and 1.1) on this port; needs the next two"
+    )
+    up.add_argument("--tls-cert", help="PEM certificate chain of the TLS listener")
+    up.add_argument("--tls-key", help="PEM private key of the TLS listener")
     up.add_argument(
         "--fail-open",
         action="append",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from extproc import failopen
-from extproc.cli import main
+from extproc.cli import _default_policies, main
 from extproc.policy.loader import PolicyError, load_policy_dir
 from extproc.policy.store import PolicyStore
 from extproc.pricing import SHIPPED_PRICES, price_table_path
@@ -117,3 +118,24 @@ def test_fail_open_estimates_use_the_same_table(tmp_path: Path) -> None:
     own = failopen.load_prices(tmp_path)
     assert own is not None and own.version == "mine-1"
 
+
+@pytest.mark.parametrize(
+    ("env", "make_dir", "expected"),
+    [
+        (None, False, None),  # outside a checkout: no policies, the shipped prices
+        (None, True, Path("policies")),
+        ("", True, None),  # set but empty: none on purpose, even with ./policies present
+        ("/elsewhere", False, Path("/elsewhere")),  # named: kept, so a typo is reported, not ignored
+    ],
+)
+def test_default_policy_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str | None, make_dir: bool, expected: Path | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if env is None:
+        monkeypatch.delenv("SPENDGATE_POLICIES", raising=False)
+    else:
+        monkeypatch.setenv("SPENDGATE_POLICIES", env)
+    if make_dir:
+        os.mkdir("policies")
+    assert _default_policies() == expected
