@@ -84,6 +84,8 @@ SLOW = (
     "unit/test_exchange_hardening.py::test_whatever_usage_an_upstream_reports_the_record_is_written_with_a_cost_that_is_not_negative",
     "e2e/test_supervision.py::test_up_stops_with_a_message_naming_a_worker_that_keeps_dying",
     "e2e/test_stack.py::test_postgres_stopped_and_restarted_under_load_loses_and_duplicates_nothing",
+    "e2e/test_first_hour_up.py::test_a_second_up_on_the_same_home_refuses_at_once_and_leaves_the_first_serving",
+    "e2e/test_first_hour_up.py::test_a_second_home_starts_without_port_flags_and_prints_the_ports_it_took",
 )
 
 
