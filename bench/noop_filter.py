@@ -15,6 +15,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from extproc.exchange import UPSTREAM_HEADER
 
@@ -85,6 +87,8 @@ class NoopFilter(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 async def _serve(address: str, cluster: str) -> None:
     server = grpc.aio.server()
     pb_grpc.add_ExternalProcessorServicer_to_server(NoopFilter(cluster), server)
+    # Envoy health-checks the ext_proc cluster and sends nothing to a host that does not answer.
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
     server.add_insecure_port(address)
     await server.start()
     await server.wait_for_termination()
