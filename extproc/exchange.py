@@ -233,6 +233,17 @@ class Exchange:
         except UnsafePath as exc:
             return self.reject(400, f"invalid request path: {exc}")
         self._api = provider.api_for(method, self._path) or PASSTHROUGH
+        if self._api == PASSTHROUGH:
+            caller = guess_from_request(self._path, set(headers))
+            if caller is not provider and caller.api_for(method, self._path) is not None:
+                # One provider's SDK with a key for another's credential: say so, in the format
+                # the calling SDK reads, rather than call its API unmetered.
+                return self.reject(
+                    403,
+                    f"this wrapped key is for a {provider.name} credential, but {method} {self._path} is "
+                    f"{caller.name}'s API: use a key issued for a {caller.name} credential",
+                    error_format=caller,
+                )
 
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self._limits.max_request_body_bytes:
@@ -534,9 +545,16 @@ class Exchange:
         self.finalize("client_disconnect" if self._status == 0 else "incomplete")
 
     def reject(
-        self, status: int, message: str, *, record: bool = True, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        status: int,
+        message: str,
+        *,
+        record: bool = True,
+        headers: tuple[tuple[str, str], ...] = (),
+        error_format: Provider | None = None,
     ) -> Reply:
-        """Stop the request with an error in the calling provider's own format."""
+        """Stop the request with an error in the calling provider's own format (the key's
+        provider's unless `error_format` names the one the caller speaks)."""
         assert self._provider is not None
         self._status = status
         if record:
@@ -544,7 +562,7 @@ class Exchange:
             self.finalize("rejected")
         return Reply(
             immediate_status=status,
-            body=self._provider.error_body(status, message),
+            body=(error_format or self._provider).error_body(status, message),
             set_headers=[
                 ("content-type", "application/json"),
                 (REQUEST_ID_HEADER, self.request_id),

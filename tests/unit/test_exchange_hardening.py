@@ -268,3 +268,14 @@ def test_a_delta_that_mentions_error_is_not_an_error_event() -> None:
     ex.on_response_body(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\ndata: [DONE]\n\n', True)
     (rec,) = w.records
     assert (rec.outcome, rec.estimated) == ("complete", False)
+
+
+def test_another_providers_sdk_with_this_key_is_told_which_credential_the_key_is_for() -> None:
+    w = World("openai")
+    reply = w.exchange().on_request_headers(
+        headers("/v1/messages", x_api_key=w.key, anthropic_version="2023-06-01"), False
+    )
+    assert reply.immediate_status == 403  # type: ignore[union-attr]
+    doc = json.loads(reply.body or b"")  # type: ignore[union-attr]
+    assert doc["type"] == "error" and "openai credential" in doc["error"]["message"]
+    assert [r.provider for r in w.records] == ["openai"]
