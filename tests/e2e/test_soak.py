@@ -304,7 +304,8 @@ KINDS = (
     Kind("cut_json", 4, _cut_json, _labels("http-502"), _labels("incomplete")),
     # A provider error inside a 200 stream: one record, whatever outcome it is given.
     Kind("stream_error", 6, _stream_error, _labels("ok"), _labels("upstream_error")),
-    Kind("hangup", 12, _hangup, _labels("hangup"), _labels("incomplete", "client_disconnect")),
+    # A hang-up that reaches Envoy after the provider's end event is a delivered answer: complete.
+    Kind("hangup", 12, _hangup, _labels("hangup"), _labels("incomplete", "client_disconnect", "complete")),
     Kind("malformed", 8, _malformed, _labels("http-400"), _labels("rejected")),
     Kind("unknown_key", 4, _unknown_key, _labels("http-401"), None, billed=False),
 )
