@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 from extproc.providers.base import (
@@ -34,6 +35,7 @@ GENERATE = "generateContent"
 STREAM_GENERATE = "streamGenerateContent"
 
 _TEXT_KEYS = frozenset({"text"})
+_FINISHED = re.compile(r'"finishReason"\s*:\s*"')
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -145,12 +147,13 @@ class Gemini:
 
     def stream_accountant(self, api: str, request: ParsedRequest) -> StreamAccountant:
         """See Provider.stream_accountant."""
-        # The last chunk of a generation carries its finishReason.
+        # The last chunk of a generation carries its finishReason, as a string: a null one (or
+        # the bare word) must not count a stream cut short as delivered whole.
         return SSEAccountant(
             lambda data: '"usageMetadata"' in data,
             _reduce,
             _delta_text,
-            lambda data: '"finishReason"' in data,
+            lambda data: _FINISHED.search(data) is not None,
             whole=functools.partial(self.response_usage, api),
         )
 

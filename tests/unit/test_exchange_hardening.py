@@ -279,3 +279,16 @@ def test_another_providers_sdk_with_this_key_is_told_which_credential_the_key_is
     doc = json.loads(reply.body or b"")  # type: ignore[union-attr]
     assert doc["type"] == "error" and "openai credential" in doc["error"]["message"]
     assert [r.provider for r in w.records] == ["openai"]
+
+
+def test_a_gemini_chunk_with_a_null_finish_reason_does_not_mark_a_cut_stream_delivered() -> None:
+    w = World("gemini")
+    ex = w.exchange()
+    ex.on_request_headers(headers("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", x_goog_api_key=w.key), False)
+    ex.on_request_body(b'{"contents":[{"parts":[{"text":"hi"}]}]}')
+    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    chunk = b'data: {"candidates":[{"content":{"parts":[{"text":"Hello"}]},"finishReason":null}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}\n\n'
+    ex.on_response_body(chunk, False)
+    ex.abandon()
+    (rec,) = w.records
+    assert (rec.outcome, rec.estimated) == ("incomplete", True)
