@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.exchange import MAX_INFLATED_BYTES
+from extproc.exchange import MAX_INFLATED_BYTES, Exchange
 from extproc.policy.budgets import Admission
 from extproc.verdict import Granted
 from tests.unit.test_exchange import World, headers
@@ -224,12 +224,19 @@ def test_a_request_drawing_on_upstream_context_reserves_a_whole_context_window(e
     assert adm.amount >= Decimal(1_000_000) * Decimal("2.50") / 1_000_000
 
 
-def test_a_buffered_answer_cut_short_is_recorded_with_the_502_the_client_got() -> None:
-    w = World()
+def answering(w: World, content_type: str, *, stream: bool = False) -> Exchange:
+    """An exchange for an unbudgeted chat completion whose 200 answer has just begun."""
     ex = w.exchange()
     ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
-    ex.on_request_body(b'{"model":"fake-openai-model","messages":[{"role":"user","content":"hi"}]}')
-    ex.on_response_headers({":status": "200", "content-type": "application/json"}, False)
+    body = {"model": "fake-openai-model", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    ex.on_request_body(json.dumps(body).encode())
+    ex.on_response_headers({":status": "200", "content-type": content_type}, False)
+    return ex
+
+
+def test_a_buffered_answer_cut_short_is_recorded_with_the_502_the_client_got() -> None:
+    w = World()
+    ex = answering(w, "application/json")
     ex.on_response_body(b'{"id":"x","usage":', False)
     ex.abandon()
     (rec,) = w.records
@@ -247,10 +254,7 @@ def test_a_buffered_answer_cut_short_is_recorded_with_the_502_the_client_got() -
 )
 def test_an_error_event_inside_a_200_stream_is_recorded_as_an_upstream_error(error_event: bytes) -> None:
     w = World()
-    ex = w.exchange()
-    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
-    ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[{"role":"user","content":"hi"}]}')
-    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    ex = answering(w, "text/event-stream", stream=True)
     ex.on_response_body(b'data: {"choices":[{"delta":{"content":"Hello there"}}]}\n\n', False)
     ex.on_response_body(error_event, True)
     (rec,) = w.records
@@ -260,10 +264,7 @@ def test_an_error_event_inside_a_200_stream_is_recorded_as_an_upstream_error(err
 
 def test_a_delta_that_mentions_error_is_not_an_error_event() -> None:
     w = World()
-    ex = w.exchange()
-    ex.on_request_headers(headers("/v1/chat/completions", x_api_key=w.key), False)
-    ex.on_request_body(b'{"model":"fake-openai-model","stream":true,"messages":[{"role":"user","content":"hi"}]}')
-    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    ex = answering(w, "text/event-stream", stream=True)
     ex.on_response_body(b'data: {"choices":[{"delta":{"content":"{\\"error\\": 1}"}}]}\n\n', False)
     ex.on_response_body(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\ndata: [DONE]\n\n', True)
     (rec,) = w.records

